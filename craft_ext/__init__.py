@@ -1,0 +1,47 @@
+"""craft_ext: CRAFT filter reactivation and face-recognition training kernels for PyTorch.
+
+Face-recognition CNNs end training with many first-layer filters *inactive* (every weight
+within 1e-3 of zero). CRAFT (Bhatta et al., arXiv 2312.00072) overwrites each with the
+negative of a strong active filter at every epoch end. craft_ext does this on the device with
+fused kernels and no host synchronisation.
+
+Quick use::
+
+    import craft_ext
+    stats = craft_ext.filter_stats(model.conv1.weight)          # max_abs, l1, mean, std
+    r = craft_ext.reactivate_(model.conv1.weight)               # in place, CRAFT rule
+    print(int(r.count), "filters reactivated")
+
+Importing craft_ext does not initialise CUDA.
+"""
+
+from __future__ import annotations
+
+from ._extension import extension_error, extension_loaded
+from .ops import (
+    BACKENDS,
+    METHODS,
+    FilterStats,
+    Reactivation,
+    available_backends,
+    filter_stats,
+    reactivate_,
+    resolve_backend,
+    use_backend,
+)
+
+__version__ = "0.1.0"
+
+__all__ = [
+    "BACKENDS",
+    "METHODS",
+    "FilterStats",
+    "Reactivation",
+    "available_backends",
+    "extension_error",
+    "extension_loaded",
+    "filter_stats",
+    "reactivate_",
+    "resolve_backend",
+    "use_backend",
+]

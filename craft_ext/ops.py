@@ -1,0 +1,367 @@
+"""craft_ext operators: the Python API, backend dispatch and fake (meta) kernels.
+
+Every operator has one schema and several backends:
+
+========== ======================================= =============================================
+backend    where                                   operator
+========== ======================================= =============================================
+``cpp``    ``csrc/cpu/<op>.cpp`` (CPU tensors)     ``torch.ops.craft_ext.<op>``
+``cuda``   ``csrc/cuda/<op>.cu`` (CUDA tensors)    ``torch.ops.craft_ext.<op>``
+``triton`` ``kernels/<op>.py`` (CUDA; CPU only     ``torch.ops.craft_ext.<op>_triton``
+           with ``TRITON_INTERPRET=1``)
+``reference`` ``craft_ext/reference.py`` (any)     plain PyTorch
+========== ======================================= =============================================
+
+``"auto"`` (the default) picks ``cpp`` for CPU tensors and ``cuda`` then ``triton`` for CUDA
+tensors, falling back to ``reference`` when the compiled extension or Triton is missing. Force
+a backend per call (``backend="triton"``), for a block (``with craft_ext.use_backend("reference"):``)
+or for a process (environment variable ``CRAFT_EXT_BACKEND=triton``).
+
+No op here synchronises with the host: no ``.item()``, ``.cpu()``, ``nonzero()``, boolean-mask
+indexing or branching on tensor values, so they run under
+``torch.cuda.set_sync_debug_mode("error")``, inside CUDA-graph capture and under
+``torch.compile(fullgraph=True)``.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import contextvars
+import math
+import os
+from collections.abc import Callable, Iterator
+from typing import NamedTuple
+
+import torch
+from torch import Tensor
+
+from . import reference
+from ._extension import KERNELS, TRITON_ERROR, extension_loaded, has_kernel
+
+__all__ = [
+    "BACKENDS",
+    "METHODS",
+    "FilterStats",
+    "Reactivation",
+    "available_backends",
+    "filter_stats",
+    "reactivate_",
+    "resolve_backend",
+    "use_backend",
+]
+
+BACKENDS = ("auto", "cpp", "cuda", "triton", "reference")
+METHODS = ("craft", "scaled_gaussian", "random")
+_FLOAT_DTYPES = (torch.float32, torch.float16, torch.bfloat16, torch.float64)
+
+
+class FilterStats(NamedTuple):
+    """Per-filter statistics, each float32 [N] on the weight's device."""
+
+    max_abs: Tensor
+    l1: Tensor
+    mean: Tensor
+    std: Tensor
+
+
+class Reactivation(NamedTuple):
+    """What :func:`reactivate_` did: all on the weight's device, nothing copied to the host."""
+
+    inactive: Tensor  #: bool [N], inactive before the call
+    reactivated: Tensor  #: bool [N], overwritten by the call
+    donor: Tensor  #: int64 [N], source filter (-1 where none)
+    count: Tensor  #: int64 [], number reactivated
+
+
+# --------------------------------------------------------------------------------------------
+# Backend selection
+# --------------------------------------------------------------------------------------------
+
+_BACKEND_OVERRIDE: contextvars.ContextVar[str | None] = contextvars.ContextVar(
+    "craft_ext_backend", default=None
+)
+
+
+@contextlib.contextmanager
+def use_backend(name: str) -> Iterator[None]:
+    """Force ``name`` (one of :data:`BACKENDS`) for craft_ext ops called inside the block."""
+    _check_backend_name(name, "name")
+    token = _BACKEND_OVERRIDE.set(name)
+    try:
+        yield
+    finally:
+        _BACKEND_OVERRIDE.reset(token)
+
+
+def _check_backend_name(name: object, arg: str) -> None:
+    if name not in BACKENDS:
+        raise ValueError(f"{arg} must be one of {BACKENDS}, got {name!r}")
+
+
+def _triton_usable(device: torch.device) -> bool:
+    if KERNELS is None:
+        return False
+    if device.type == "cuda":
+        return True
+    return device.type == "cpu" and os.environ.get("TRITON_INTERPRET", "") == "1"
+
+
+def available_backends(device: torch.device | str, op: str = "filter_stats") -> list[str]:
+    """Backends that can run ``op`` on ``device`` in this process (never includes ``auto``)."""
+    device = torch.device(device)
+    out = []
+    if device.type == "cpu" and has_kernel(op, "CPU"):
+        out.append("cpp")
+    if device.type == "cuda" and has_kernel(op, "CUDA"):
+        out.append("cuda")
+    if _triton_usable(device) and hasattr(torch.ops.craft_ext, f"{op}_triton"):
+        out.append("triton")
+    out.append("reference")
+    return out
+
+
+def resolve_backend(device: torch.device, op: str, backend: str | None = None) -> str:
+    """The backend that runs ``op`` for a tensor on ``device``.
+
+    ``backend`` (else :func:`use_backend`'s, else ``$CRAFT_EXT_BACKEND``, else ``"auto"``).
+    An explicitly requested backend that cannot run here raises ``RuntimeError``.
+    """
+    requested = backend or _BACKEND_OVERRIDE.get() or os.environ.get("CRAFT_EXT_BACKEND") or "auto"
+    _check_backend_name(requested, "backend")
+    usable = available_backends(device, op)
+    if requested == "auto":
+        return usable[0]
+    if requested not in usable:
+        why = {
+            "cpp": "needs a CPU tensor and the compiled extension "
+            f"(extension_loaded()={extension_loaded()})",
+            "cuda": "needs a CUDA tensor and an extension compiled with CUDA",
+            "triton": "needs triton and a CUDA tensor (or TRITON_INTERPRET=1 for CPU tensors)"
+            + (f"; {TRITON_ERROR}" if TRITON_ERROR else ""),
+        }[requested]
+        raise RuntimeError(
+            f"craft_ext: backend {requested!r} cannot run {op} on {device.type} here: {why}. "
+            f"Available: {usable}"
+        )
+    return requested
+
+
+# --------------------------------------------------------------------------------------------
+# Validation (runs before anything is modified)
+# --------------------------------------------------------------------------------------------
+
+
+def _check_weight(weight: object, arg: str = "weight") -> None:
+    if not isinstance(weight, Tensor):
+        raise TypeError(f"{arg} must be a torch.Tensor, got {type(weight).__name__}")
+    if weight.dim() < 2:
+        raise ValueError(
+            f"{arg} must have at least 2 dims [N, ...] (N filters), got shape {tuple(weight.shape)}"
+        )
+    if weight.shape[0] == 0 or weight.numel() == 0:
+        raise ValueError(
+            f"{arg} must hold at least one filter with at least one element, got shape "
+            f"{tuple(weight.shape)}"
+        )
+    if weight.dtype not in _FLOAT_DTYPES:
+        raise TypeError(
+            f"{arg} must be float32, float16, bfloat16 or float64, got {weight.dtype}"
+        )
+
+
+def _check_threshold(threshold: object) -> float:
+    if isinstance(threshold, bool) or not isinstance(threshold, (int, float)):
+        raise TypeError(f"threshold must be a float, got {type(threshold).__name__}")
+    threshold = float(threshold)
+    if math.isnan(threshold) or threshold < 0:
+        raise ValueError(f"threshold must be >= 0 (the paper uses 1e-3), got {threshold}")
+    return threshold
+
+
+def _check_used(used: object, weight: Tensor) -> None:
+    if not isinstance(used, Tensor):
+        raise TypeError(f"used must be a torch.Tensor or None, got {type(used).__name__}")
+    n = weight.shape[0]
+    if used.dtype != torch.bool or tuple(used.shape) != (n,) or used.device != weight.device:
+        raise ValueError(
+            f"used must be a bool tensor of shape ({n},) on {weight.device}, got "
+            f"{used.dtype} of shape {tuple(used.shape)} on {used.device}"
+        )
+
+
+def _check_generator(generator: object, device: torch.device) -> None:
+    if generator is None:
+        return
+    if not isinstance(generator, torch.Generator):
+        raise TypeError(f"generator must be a torch.Generator or None, got {type(generator)}")
+    if generator.device.type != device.type:
+        raise ValueError(
+            f"generator must be on the weight's device type ({device.type}), "
+            f"got a generator on {generator.device}"
+        )
+
+
+# --------------------------------------------------------------------------------------------
+# filter_stats
+# --------------------------------------------------------------------------------------------
+
+
+def _filter_stats_impl(backend: str) -> Callable[[Tensor], tuple[Tensor, ...]]:
+    if backend in ("cpp", "cuda"):
+        return torch.ops.craft_ext.filter_stats.default
+    if backend == "triton":
+        return torch.ops.craft_ext.filter_stats_triton.default
+    return reference.filter_stats
+
+
+def filter_stats(weight: Tensor, *, backend: str | None = None) -> FilterStats:
+    """Per-filter max |w|, L1 norm, mean and std (correction 0) in one pass over ``weight``.
+
+    Args:
+        weight: [N, ...] floating tensor: a conv weight [N, C, kh, kw] or a linear weight
+            [N, K]; any memory layout (channels_last, non-contiguous); float32, float16,
+            bfloat16 or float64.
+        backend: force a backend (see module docs); default ``"auto"``.
+
+    Returns:
+        :class:`FilterStats` of four float32 [N] tensors on ``weight``'s device. A filter
+        holding NaN gets NaN statistics; one holding Inf gets Inf ``max_abs`` and ``l1``.
+
+    Used by CRAFT (Bhatta et al., arXiv 2312.00072) to find inactive filters
+    (``max_abs <= 1e-3``) and rank donors (``l1``).
+    """
+    _check_weight(weight)
+    impl = _filter_stats_impl(resolve_backend(weight.device, "filter_stats", backend))
+    with torch.no_grad():
+        return FilterStats(*impl(weight))
+
+
+# --------------------------------------------------------------------------------------------
+# reactivate_
+# --------------------------------------------------------------------------------------------
+
+
+def _reactivate_impl(backend: str) -> Callable[..., tuple[Tensor, ...]]:
+    if backend in ("cpp", "cuda"):
+        return torch.ops.craft_ext.reactivate_.default
+    if backend == "triton":
+        return torch.ops.craft_ext.reactivate_triton_.default
+    return reference.reactivate_
+
+
+def reactivate_(
+    weight: Tensor,
+    *,
+    method: str = "craft",
+    threshold: float = 1e-3,
+    used: Tensor | None = None,
+    generator: torch.Generator | None = None,
+    backend: str | None = None,
+) -> Reactivation:
+    """Find the inactive filters of ``weight`` and reactivate them in place (CRAFT).
+
+    Filter i (``weight[i]``) is inactive when every ``|w|`` in it is ``<= threshold``
+    (Bhatta et al., arXiv 2312.00072: theta = 1e-3; compared in float32).
+
+    Methods:
+        ``"craft"`` (the paper's): active filters not yet spent as donors (``used``) are
+        ranked by L1 norm; the inactive filters, in random order, take the top-ranked unspent
+        donors, one each, and become their negatives (complements). A donor is spent once for
+        the life of the ``used`` mask. Inactive filters beyond the unspent donors take the
+        complement of a donor drawn at random from the spent active filters (this call's
+        included).
+        ``"scaled_gaussian"`` (the paper's "directed scaled random"): inactive filters are
+        drawn from N(mean, std) of the active filter with the largest L1 norm.
+        ``"random"``: inactive filters are re-drawn He/Kaiming-normal (fan-in), the baseline.
+
+    ``craft`` and ``scaled_gaussian`` leave a layer without any active filter unchanged.
+    Filters holding NaN or Inf are neither inactive nor donors; they are left as they are.
+
+    Args:
+        weight: [N, ...] floating tensor (conv or linear weight, any layout), modified in place.
+        method: ``"craft"``, ``"scaled_gaussian"`` or ``"random"``.
+        threshold: inactivity threshold, >= 0.
+        used: bool [N] on ``weight``'s device: donors spent so far, updated in place
+            (``craft`` only). None: a fresh all-False mask for this call.
+        generator: torch.Generator on ``weight``'s device type for the random order, donor
+            draws and noise; None uses that device's default generator.
+        backend: force a backend (see module docs).
+
+    Returns:
+        :class:`Reactivation` ``(inactive, reactivated, donor, count)``, all on the device.
+
+    Nothing is read back to the host, so the call is safe in a training step, under
+    ``torch.cuda.set_sync_debug_mode("error")``, CUDA-graph capture and ``torch.compile``.
+    Invalid arguments raise before anything is modified.
+    """
+    _check_weight(weight)
+    if not isinstance(method, str) or method not in METHODS:
+        raise ValueError(f"method must be one of {METHODS}, got {method!r}")
+    threshold = _check_threshold(threshold)
+    if used is not None:
+        _check_used(used, weight)
+    _check_generator(generator, weight.device)
+    if torch._debug_has_internal_overlap(weight) == 1:
+        raise ValueError("weight has overlapping memory (e.g. expand()); cannot modify in place")
+    impl = _reactivate_impl(resolve_backend(weight.device, "reactivate_", backend))
+
+    n, device = weight.shape[0], weight.device
+    if used is None:
+        used = torch.zeros(n, dtype=torch.bool, device=device)
+    order_key = torch.rand(n, generator=generator, device=device)
+    fallback_u = torch.rand(n, generator=generator, device=device)
+    noise = None
+    if method != "craft":
+        noise = torch.randn(weight.shape, generator=generator, device=device)
+    with torch.no_grad():
+        out = impl(weight, used, order_key, fallback_u, noise, threshold, method)
+    return Reactivation(*out)
+
+
+# --------------------------------------------------------------------------------------------
+# Fake (meta) kernels: shapes, dtypes and devices of the outputs, for FakeTensor / compile.
+# --------------------------------------------------------------------------------------------
+
+
+def _fake_filter_stats(weight: Tensor) -> tuple[Tensor, Tensor, Tensor, Tensor]:
+    n = weight.shape[0]
+    return tuple(weight.new_empty((n,), dtype=torch.float32) for _ in range(4))  # type: ignore[return-value]
+
+
+def _fake_reactivate(
+    weight: Tensor,
+    used: Tensor,
+    order_key: Tensor,
+    fallback_u: Tensor,
+    noise: Tensor | None,
+    threshold: float,
+    method: str,
+) -> tuple[Tensor, Tensor, Tensor, Tensor]:
+    n = weight.shape[0]
+    return (
+        weight.new_empty((n,), dtype=torch.bool),
+        weight.new_empty((n,), dtype=torch.bool),
+        weight.new_empty((n,), dtype=torch.int64),
+        weight.new_empty((), dtype=torch.int64),
+    )
+
+
+_FAKES: dict[str, Callable[..., object]] = {
+    "filter_stats": _fake_filter_stats,
+    "reactivate_": _fake_reactivate,
+}
+
+
+def _register_fakes() -> None:
+    for name, fake in _FAKES.items():
+        qualnames = []
+        if extension_loaded():
+            qualnames.append(f"craft_ext::{name}")
+        triton_name = name[:-1] + "_triton_" if name.endswith("_") else name + "_triton"
+        if hasattr(torch.ops.craft_ext, triton_name):
+            qualnames.append(f"craft_ext::{triton_name}")
+        for qualname in qualnames:
+            torch.library.register_fake(qualname)(fake)
+
+
+_register_fakes()

@@ -1,0 +1,163 @@
+"""Pure-PyTorch reference implementations of every craft_ext operator.
+
+These define the semantics that the C++ (``csrc/cpu``), CUDA (``csrc/cuda``) and Triton
+(``kernels/``) backends must reproduce; the tests compare each backend against them. They use
+only device-side torch ops (no ``.item()``, ``.cpu()``, ``nonzero()`` or boolean-mask indexing),
+so they also serve as the fallback backend on any device, under CUDA-graph capture and under
+``torch.compile(fullgraph=True)``.
+
+Signatures match the operator schemas in ``csrc/ops.cpp`` exactly.
+"""
+
+from __future__ import annotations
+
+import math
+
+import torch
+from torch import Tensor
+
+__all__ = ["filter_stats", "reactivate_", "craft_donors", "kaiming_std"]
+
+
+def _rows(weight: Tensor) -> Tensor:
+    """``weight`` [N, ...] as [N, K] in logical (row-major) order; a copy if needed."""
+    return weight.reshape(weight.shape[0], -1)
+
+
+def filter_stats(weight: Tensor) -> tuple[Tensor, Tensor, Tensor, Tensor]:
+    """Per-filter ``(max_abs, l1, mean, std)`` of ``weight`` [N, ...], each float32 [N].
+
+    With filter i flattened to x_i of K elements::
+
+        max_abs[i] = max_k |x_ik|        l1[i] = sum_k |x_ik|
+        mean[i]    = sum_k x_ik / K
+        std[i]     = sqrt(sum_k (x_ik - mean[i])^2 / K)      (correction = 0)
+
+    computed in float32 from any floating input dtype. A NaN anywhere in a filter makes all
+    four of its statistics NaN (an Inf makes ``max_abs`` and ``l1`` Inf).
+    """
+    x = _rows(weight).to(torch.float32)
+    max_abs = x.abs().amax(dim=1)
+    l1 = x.abs().sum(dim=1)
+    std, mean = torch.std_mean(x, dim=1, correction=0)
+    return max_abs, l1, mean, std
+
+
+def kaiming_std(fan_in: int) -> float:
+    """He / Kaiming-normal standard deviation for ReLU-family layers: sqrt(2 / fan_in)."""
+    return math.sqrt(2.0 / fan_in)
+
+
+def craft_donors(
+    inactive: Tensor,
+    active: Tensor,
+    used: Tensor,
+    l1: Tensor,
+    order_key: Tensor,
+    fallback_u: Tensor,
+) -> tuple[Tensor, Tensor]:
+    """CRAFT pairing of inactive filters with donors; returns ``(donor, newly_used)``.
+
+    Inputs are [N] tensors: ``inactive``/``active``/``used`` bool, ``l1``/``order_key``/
+    ``fallback_u`` float32. The rules (Bhatta et al., arXiv 2312.00072, sec. 4.3):
+
+    1. Candidates are active filters not yet spent (``active & ~used``), ranked by L1 norm,
+       largest first; ties go to the lower index. Let ``n_cand`` be their number.
+    2. The inactive filters are put in random order: ascending ``order_key``, ties to the lower
+       index. The inactive filter at position p < n_cand takes the candidate of rank p, which
+       becomes spent (``newly_used``).
+    3. Every inactive filter at position p >= n_cand takes a donor drawn from the spent active
+       filters ``S = active & (used | newly_used)`` listed in index order: the element at
+       ``r = min(floor(fallback_u[i] * |S|), |S| - 1)`` (float32 product), i being the
+       inactive filter.
+    4. Without any active filter nothing is paired: ``donor`` is -1 everywhere.
+
+    ``donor[i]`` is the donor of inactive filter i, -1 for filters that get none.
+    """
+    n = inactive.shape[0]
+    device = inactive.device
+    inf = torch.tensor(float("inf"), device=device)
+    pos = torch.arange(n, device=device)
+
+    cand = active & ~used
+    n_cand = cand.sum()
+    n_inactive = inactive.sum()
+    donor_order = torch.sort(torch.where(cand, -l1, inf), stable=True).indices
+    target_order = torch.sort(torch.where(inactive, order_key, inf), stable=True).indices
+
+    slot_paired = (pos < n_cand) & (pos < n_inactive)
+    newly_used = torch.zeros_like(used).scatter(0, donor_order, slot_paired)
+
+    spent = active & (used | newly_used)
+    n_spent = spent.sum()
+    spent_list = torch.sort((~spent).to(torch.uint8), stable=True).indices
+    r = torch.floor(fallback_u * n_spent.to(torch.float32)).to(torch.int64)
+    r = torch.minimum(r, (n_spent - 1).clamp(min=0))
+    fallback = spent_list[r]
+
+    slot_donor = torch.where(pos < n_cand, donor_order, -1)
+    donor = torch.empty_like(pos).scatter(0, target_order, slot_donor)
+    donor = torch.where(donor < 0, fallback, donor)
+    donor = torch.where(inactive & active.any(), donor, -1)
+    return donor, newly_used
+
+
+def reactivate_(
+    weight: Tensor,
+    used: Tensor,
+    order_key: Tensor,
+    fallback_u: Tensor,
+    noise: Tensor | None,
+    threshold: float,
+    method: str,
+) -> tuple[Tensor, Tensor, Tensor, Tensor]:
+    """Reactivate the inactive filters of ``weight`` [N, ...] in place.
+
+    Filter i is *inactive* when ``max_abs[i] <= threshold`` (threshold rounded to float32, the
+    comparison in float32); *active* when it is not inactive and its L1 norm is finite. Filters
+    holding NaN or Inf are neither: they are never donors and are left unchanged.
+
+    * ``"craft"``: each inactive filter becomes the negative of its donor from
+      :func:`craft_donors`; ``used`` |= the donors spent by this call.
+    * ``"scaled_gaussian"``: with s the active filter of largest L1 norm (lowest index on ties),
+      each inactive filter becomes ``mean[s] + std[s] * noise[i]`` (float32, then cast);
+      ``donor[i] = s``.
+    * ``"random"``: each inactive filter becomes ``noise[i] * sqrt(2 / K)`` (He / Kaiming
+      normal, fan-in K); ``donor[i] = -1``. This works even with no active filter.
+
+    ``craft`` and ``scaled_gaussian`` leave a layer with no active filter unchanged.
+    Returns ``(inactive, reactivated, donor, count)``: bool [N] before the call, bool [N],
+    int64 [N] (-1 where none), and int64 [] = ``reactivated.sum()``.
+    """
+    n = weight.shape[0]
+    rows = _rows(weight)
+    k = rows.shape[1]
+    max_abs, l1, mean, std = filter_stats(rows)
+    thr = torch.tensor(threshold, dtype=torch.float32, device=weight.device)
+    inactive = max_abs <= thr
+    active = ~inactive & torch.isfinite(l1)
+    any_active = active.any()
+
+    if method == "craft":
+        donor, newly_used = craft_donors(inactive, active, used, l1, order_key, fallback_u)
+        reactivated = inactive & any_active
+        new = -rows[donor.clamp(min=0)]
+        used.copy_(used | newly_used)
+    elif method == "scaled_gaussian":
+        source = torch.argmax(torch.where(active, l1, -torch.inf))
+        reactivated = inactive & any_active
+        donor = torch.where(reactivated, source, -1)
+        assert noise is not None
+        z = _rows(noise).to(torch.float32)
+        new = (mean[source] + std[source] * z).to(weight.dtype)
+    elif method == "random":
+        reactivated = inactive
+        donor = torch.full((n,), -1, dtype=torch.int64, device=weight.device)
+        assert noise is not None
+        z = _rows(noise).to(torch.float32)
+        new = (z * kaiming_std(k)).to(weight.dtype)
+    else:
+        raise ValueError(f"unknown method {method!r}")
+
+    weight.copy_(torch.where(reactivated[:, None], new, rows).view(weight.shape))
+    return inactive, reactivated, donor, reactivated.sum()

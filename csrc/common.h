@@ -1,0 +1,62 @@
+// Shared helpers for craft_ext's C++ and CUDA kernels.
+#pragma once
+
+#include <ATen/ATen.h>
+#include <torch/library.h>
+
+#include <algorithm>
+#include <numeric>
+#include <string>
+#include <vector>
+
+namespace craft_ext {
+
+// Methods of reactivate_, as passed in the schema's `str method`.
+enum class Method { kCraft = 0, kScaledGaussian = 1, kRandom = 2 };
+
+inline Method parse_method(const std::string& method) {
+  if (method == "craft") return Method::kCraft;
+  if (method == "scaled_gaussian") return Method::kScaledGaussian;
+  if (method == "random") return Method::kRandom;
+  TORCH_CHECK(false, "craft_ext: method must be one of 'craft', 'scaled_gaussian', 'random'; got '",
+              method, "'");
+}
+
+// Permutation of the dims of `t` (dim 0 first, then dims 1.. by decreasing stride) under which
+// every filter t[i] is, if at all possible, one dense row-major block. channels_last conv
+// weights, for example, become [N, kh, kw, C].
+inline std::vector<int64_t> filter_major_perm(const at::Tensor& t) {
+  std::vector<int64_t> perm(t.dim());
+  std::iota(perm.begin(), perm.end(), 0);
+  std::stable_sort(perm.begin() + 1, perm.end(), [&](int64_t a, int64_t b) {
+    return t.stride(a) > t.stride(b);
+  });
+  return perm;
+}
+
+// A [N, K] view of `t` sharing its storage (row stride t.stride(0), unit column stride), in
+// which row i holds the elements of filter t[i] in the order given by filter_major_perm(t);
+// undefined if the filters of `t` are not dense blocks (e.g. a slice along dim 1).
+inline at::Tensor filter_rows_view(const at::Tensor& t) {
+  const int64_t n = t.size(0);
+  const int64_t k = n == 0 ? 0 : t.numel() / n;
+  auto perm = filter_major_perm(t);
+  int64_t expected = 1;
+  for (int64_t j = t.dim() - 1; j >= 1; --j) {
+    const int64_t d = perm[j];
+    if (t.size(d) == 1) continue;
+    if (t.stride(d) != expected) return at::Tensor();
+    expected *= t.size(d);
+  }
+  if (n > 1 && t.stride(0) < k) return at::Tensor();  // rows would overlap
+  return t.as_strided({n, k}, {n > 1 ? t.stride(0) : k, 1}, t.storage_offset());
+}
+
+// The elements of `other` (same shape as `t`) as [N, K] rows in the same element order as
+// filter_rows_view(t) (a copy when needed), so element (i, j) of both refers to the same index.
+inline at::Tensor rows_like(const at::Tensor& other, const at::Tensor& t) {
+  const int64_t n = t.size(0);
+  return other.permute(filter_major_perm(t)).reshape({n, n == 0 ? 0 : t.numel() / n});
+}
+
+}  // namespace craft_ext

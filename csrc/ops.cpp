@@ -1,0 +1,40 @@
+// Operator schemas of craft_ext: the single definition of every compiled op.
+//
+// Kernels register per backend in csrc/cpu/<op>.cpp (TORCH_LIBRARY_IMPL(craft_ext, CPU, m))
+// and csrc/cuda/<op>.cu (TORCH_LIBRARY_IMPL(craft_ext, CUDA, m)). Fake (meta) kernels and
+// the Python API live in craft_ext/ops.py; the pure-PyTorch references in
+// craft_ext/reference.py define the semantics every backend must reproduce.
+
+#include <Python.h>
+#include <torch/library.h>
+
+extern "C" {
+// `import craft_ext._C` loads this shared object, whose static initialisers register the ops
+// below with the dispatcher. The module itself exposes nothing.
+PyObject* PyInit__C(void) {
+  static struct PyModuleDef module_def = {
+      PyModuleDef_HEAD_INIT,
+      "_C",
+      "craft_ext compiled kernels (registered with torch.ops.craft_ext)",
+      -1,
+      nullptr,
+  };
+  return PyModule_Create(&module_def);
+}
+}
+
+TORCH_LIBRARY(craft_ext, m) {
+  // Per-filter statistics of weight [N, ...] viewed as [N, K]: max |w|, sum |w|, mean and
+  // standard deviation (correction 0). All four float32 [N]. NaN anywhere in a filter makes
+  // its max_abs, l1, mean and std NaN.
+  m.def("filter_stats(Tensor weight) -> (Tensor, Tensor, Tensor, Tensor)");
+  // In-place CRAFT reactivation (Bhatta et al., arXiv 2312.00072, sec. 4.3). Random inputs
+  // are drawn by the caller so every backend computes the same function of its inputs:
+  //   order_key  float32 [N], uniform [0, 1): random order of the inactive filters
+  //   fallback_u float32 [N], uniform [0, 1): donor draw when unspent donors run out
+  //   noise      float32, shaped like weight, standard normal (scaled_gaussian / random only)
+  // Returns (inactive bool [N], reactivated bool [N], donor int64 [N], count int64 []).
+  m.def(
+      "reactivate_(Tensor(a!) weight, Tensor(b!) used, Tensor order_key, Tensor fallback_u, "
+      "Tensor? noise, float threshold, str method) -> (Tensor, Tensor, Tensor, Tensor)");
+}
