@@ -14,13 +14,19 @@ from pathlib import Path
 import torch
 
 _EXTENSION_ERROR: str | None = None
-try:
-    from craft_ext import _C  # noqa: F401  (registers torch.ops.craft_ext.*)
+_EXTENSION_LOADED = False
+if importlib.util.find_spec("craft_ext._C") is None:
+    _EXTENSION_ERROR = (
+        "craft_ext._C is not built: install with `pip install --no-build-isolation .` after "
+        "torch (or `python setup.py build_ext --inplace` in a checkout)"
+    )
+else:
+    try:
+        from craft_ext import _C  # noqa: F401  (registers torch.ops.craft_ext.*)
 
-    _EXTENSION_LOADED = True
-except ImportError as exc:  # not compiled, or compiled against another torch
-    _EXTENSION_LOADED = False
-    _EXTENSION_ERROR = str(exc)
+        _EXTENSION_LOADED = True
+    except ImportError as exc:  # e.g. compiled against another torch
+        _EXTENSION_ERROR = f"craft_ext._C failed to load: {exc}"
 
 
 def extension_loaded() -> bool:

@@ -14,8 +14,9 @@ backend    where                                   operator
 
 ``"auto"`` (the default) picks ``cpp`` for CPU tensors and ``cuda`` then ``triton`` for CUDA
 tensors, falling back to ``reference`` when the compiled extension or Triton is missing. Force
-a backend per call (``backend="triton"``), for a block (``with craft_ext.use_backend("reference"):``)
-or for a process (environment variable ``CRAFT_EXT_BACKEND=triton``).
+a backend per call (``backend="triton"``), for a block
+(``with craft_ext.use_backend("reference"):``) or for a process (environment variable
+``CRAFT_EXT_BACKEND=triton``).
 
 No op here synchronises with the host: no ``.item()``, ``.cpu()``, ``nonzero()``, boolean-mask
 indexing or branching on tensor values, so they run under
@@ -164,9 +165,7 @@ def _check_weight(weight: object, arg: str = "weight") -> None:
             f"{tuple(weight.shape)}"
         )
     if weight.dtype not in _FLOAT_DTYPES:
-        raise TypeError(
-            f"{arg} must be float32, float16, bfloat16 or float64, got {weight.dtype}"
-        )
+        raise TypeError(f"{arg} must be float32, float16, bfloat16 or float64, got {weight.dtype}")
 
 
 def _check_threshold(threshold: object) -> float:
@@ -301,7 +300,7 @@ def reactivate_(
     if used is not None:
         _check_used(used, weight)
     _check_generator(generator, weight.device)
-    if torch._debug_has_internal_overlap(weight) == 1:
+    if not torch.compiler.is_compiling() and torch._debug_has_internal_overlap(weight) == 1:
         raise ValueError("weight has overlapping memory (e.g. expand()); cannot modify in place")
     impl = _reactivate_impl(resolve_backend(weight.device, "reactivate_", backend))
 
