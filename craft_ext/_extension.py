@@ -43,8 +43,13 @@ def extension_error() -> str | None:
     return _EXTENSION_ERROR
 
 
+@torch.compiler.assume_constant_result
 def has_kernel(op: str, dispatch_key: str) -> bool:
-    """Whether ``torch.ops.craft_ext.<op>`` has a compiled kernel for ``dispatch_key``."""
+    """Whether ``torch.ops.craft_ext.<op>`` has a compiled kernel for ``dispatch_key``.
+
+    Kernels are registered when ``craft_ext._C`` is imported, so under ``torch.compile`` the
+    answer is a constant of the trace.
+    """
     if not _EXTENSION_LOADED:
         return False
     return torch._C._dispatch_has_kernel_for_dispatch_key(f"craft_ext::{op}", dispatch_key)

@@ -45,8 +45,6 @@ def test_import_does_not_initialise_cuda(tmp_path):
 )
 def test_compiled_extension_is_loaded():
     assert craft_ext.extension_loaded(), craft_ext.extension_error()
-    assert "cpp" in craft_ext.available_backends("cpu", "reactivate_")
-    assert "cpp" in craft_ext.available_backends("cpu", "filter_stats")
 
 
 @pytest.mark.skipif(FROM_SOURCE, reason="checks the installed layout; craft_ext is a checkout")
