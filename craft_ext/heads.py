@@ -16,7 +16,11 @@ Host synchronisation: none in the forward or backward pass (sampling uses ``torc
 The collectives themselves are the only synchronisation points; ``full_state_dict`` /
 ``load_full_state_dict`` are meant for checkpointing and may move data freely.
 
-All ranks must pass batches of the same size (``all_gather`` needs equal shapes).
+All ranks must pass batches of the same size (``all_gather`` needs equal shapes). Do not wrap
+a :class:`PartialFC` in ``DistributedDataParallel``: its shards differ by design. Gradients: the
+embedding gradient each rank receives is the full gradient of the global-mean loss for its own
+samples (summed over the shards), so after DDP averages the backbone gradients they are
+``1 / world_size`` of the single-process gradient on the same global batch (as in insightface).
 """
 
 from __future__ import annotations

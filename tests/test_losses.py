@@ -6,6 +6,8 @@ import math
 
 import pytest
 import torch
+from hypothesis import given, settings
+from hypothesis import strategies as st
 
 from craft_ext.losses import CombinedMarginLoss
 
@@ -164,3 +166,21 @@ def test_invalid_arguments() -> None:
         CombinedMarginLoss(64.0, 0.0, 0.5, 0.0)
     with pytest.raises(ValueError):
         CombinedMarginLoss(64.0, 1.0, 0.5, 0.0)(torch.zeros(3, 4), torch.zeros(2, dtype=torch.long))
+
+
+@settings(max_examples=25, deadline=None)
+@given(
+    s=st.floats(1.0, 64.0),
+    m1=st.floats(0.8, 1.5),
+    m2=st.floats(0.0, 0.6),
+    m3=st.floats(0.0, 0.5),
+    seed=st.integers(0, 2**16),
+)
+def test_matches_direct_formula_property(
+    s: float, m1: float, m2: float, m3: float, seed: int
+) -> None:
+    cos = _cosines(5, 4, seed=seed, lo=-0.999, hi=0.999)
+    labels = torch.randint(-1, 4, (5,), generator=torch.Generator().manual_seed(seed + 1))
+    loss = CombinedMarginLoss(s, m1, m2, m3)(cos, labels)
+    ref = direct_loss(cos, labels, s, m1, m2, m3)
+    torch.testing.assert_close(loss.double(), ref, rtol=1e-4, atol=1e-4)
