@@ -239,7 +239,7 @@ class RecordIODataset(Dataset):
         self.identity_ranges: list[tuple[int, int]] | None = None
         first = self.reader.read(0) if 0 in self.reader.offsets else None
         header = unpack_record(first)[0] if first is not None else None
-        if header is not None and header.flag > 0:
+        if header is not None and self._is_header(header):
             lab = np.asarray(header.label)
             self.header0 = (int(lab[0]), int(lab[1]))
             self.imgidx = np.arange(1, self.header0[0], dtype=np.int64)
@@ -248,6 +248,16 @@ class RecordIODataset(Dataset):
         self._num_classes: int | None = None
         if self.header0 is not None:
             self._num_classes = self.header0[1] - self.header0[0]
+
+    def _is_header(self, header: IRHeader) -> bool:
+        """insightface reads any index-0 record with ``flag > 0`` as the header; also require a
+        plausible ``(first_identity_record, end)`` pair so that a header-less file whose first
+        image has an array label is not misread."""
+        if header.flag < 2:
+            return False
+        a, b = (float(v) for v in np.asarray(header.label)[:2])
+        n = len(self.reader)
+        return a.is_integer() and b.is_integer() and 1 <= a <= b <= n
 
     def read_identity_ranges(self) -> list[tuple[int, int]]:
         """``[(first_image, end_image), ...]`` per identity from the identity records."""
