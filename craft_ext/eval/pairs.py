@@ -26,7 +26,8 @@ def read_pairs(
 
     * ``"S P"`` (``pairs.txt``: ``10 300``): S sets of P matched then P mismatched pairs; the
       set number is the fold (the official 10-fold View 2 protocol);
-    * ``"P"`` (View 1 ``pairsDev*.txt``: ``500``): no folds in the file; pairs get ``num_folds``
+    * ``"P"`` (View 1 ``pairsDevTest.txt``: ``500``): P matched then P mismatched pairs (a file
+      with just P pairs in all is accepted too). The file has no folds: pairs get ``num_folds``
       folds with matched and mismatched pairs each split in contiguous, equal chunks, so every
       fold holds both kinds.
     """
@@ -52,8 +53,12 @@ def read_pairs(
             raise ValueError(f"{path}: header says {sets}x(2x{per}) pairs, found {len(pairs)}")
         folds = np.repeat(np.arange(sets), 2 * per)
     else:
-        if len(pairs) != int(head[0]):
-            raise ValueError(f"{path}: header says {head[0]} pairs, found {len(pairs)}")
+        count = int(head[0])
+        if len(pairs) not in (count, 2 * count):
+            raise ValueError(
+                f"{path}: header says {count} (matched + {count} mismatched) pairs, "
+                f"found {len(pairs)}"
+            )
         folds = np.zeros(len(pairs), dtype=np.int64)
         same = np.array([p[4] for p in pairs], dtype=bool)
         for mask in (same, ~same):
