@@ -128,6 +128,10 @@ def test_malicious_pickle_refused(tmp_path: Path) -> None:
     assert forged != good and isinstance(safe_load_pickle(good)[0][0], np.ndarray)
     with pytest.raises(pickle.UnpicklingError, match="flags"):
         safe_load_pickle(forged)
+    # the admitted globals cannot be modified through BUILD (state dict or slot state)
+    for state in (b"}(X\x01\x00\x00\x00aK\x01u", b"N}(X\x01\x00\x00\x00aK\x01u\x86"):
+        with pytest.raises(pickle.UnpicklingError, match="modify"):
+            safe_load_pickle(b"\x80\x02cnumpy\ndtype\n" + state + b"b.")
     # builtins that look harmless are still not admitted
     with pytest.raises(pickle.UnpicklingError, match="set"):
         safe_load_pickle(pickle.dumps(([set()], []), protocol=2))
@@ -334,3 +338,14 @@ def test_evaluate_end_to_end() -> None:
     assert r["name"] == "toy" and r["accuracy"] == 1.0 and r["num_pairs"] == 20
     with pytest.raises(ValueError):
         VerificationSet("bad", images[:3], issame)
+
+
+def test_numpy1_module_names_accepted(tmp_path: Path) -> None:
+    """Files written under numpy 1.x name ``numpy.core.multiarray`` instead of ``numpy._core``."""
+    images = _images(2)
+    bins = [np.frombuffer(encode_image(im, "png"), np.uint8) for im in images]
+    raw = pickle.dumps((bins, [False]), protocol=2)
+    assert b"numpy._core.multiarray" in raw
+    (tmp_path / "np1.bin").write_bytes(raw.replace(b"numpy._core.", b"numpy.core."))
+    got, same = load_bin(tmp_path / "np1.bin", progress=False)
+    assert torch.equal(got, images) and same.tolist() == [False]

@@ -108,8 +108,30 @@ def _safe_codecs_encode(obj: Any, encoding: Any = "utf-8", errors: Any = "strict
     return codecs.encode(obj, "latin1")
 
 
-class _NDARRAY_MARK:  # noqa: N801 - marker standing in for the numpy.ndarray global
-    """Marker returned for the ``numpy.ndarray`` global (only valid as _reconstruct's argument)."""
+class _Global:
+    """What :meth:`SafeBinUnpickler.find_class` hands out: a callable that cannot be modified
+    through the pickle (``BUILD`` on it raises, it has no ``__dict__``) nor used with
+    ``NEWOBJ`` (it is not a class)."""
+
+    __slots__ = ("_fn", "_name")
+
+    def __init__(self, fn: Any, name: str) -> None:
+        self._fn = fn
+        self._name = name
+
+    def __call__(self, *args: Any) -> Any:
+        if self._fn is None:
+            raise pickle.UnpicklingError(f"{self._name} may not be called from a .bin file")
+        return self._fn(*args)
+
+    def __setstate__(self, state: Any) -> None:
+        raise pickle.UnpicklingError(f"refusing to modify {self._name} from a .bin file")
+
+    def __repr__(self) -> str:
+        return f"<safe global {self._name}>"
+
+
+_NDARRAY_MARK = _Global(None, "numpy.ndarray")  # only valid as _reconstruct's first argument
 
 
 def _resolve(obj: Any) -> Any:
@@ -118,7 +140,7 @@ def _resolve(obj: Any) -> Any:
         if obj.array is None:
             raise pickle.UnpicklingError("numpy array without state")
         return obj.array
-    if isinstance(obj, _DtypeStub | type):
+    if isinstance(obj, _DtypeStub | _Global | type):
         raise pickle.UnpicklingError("unexpected numpy object in a verification .bin file")
     if isinstance(obj, list):
         return [_resolve(o) for o in obj]
@@ -127,14 +149,14 @@ def _resolve(obj: Any) -> Any:
     return obj
 
 
-_ALLOWED_GLOBALS: dict[tuple[str, str], Any] = {
-    ("numpy.core.multiarray", "_reconstruct"): _safe_reconstruct,
-    ("numpy._core.multiarray", "_reconstruct"): _safe_reconstruct,
-    ("numpy.core.numeric", "_frombuffer"): _safe_frombuffer,
-    ("numpy._core.numeric", "_frombuffer"): _safe_frombuffer,
+_ALLOWED_GLOBALS: dict[tuple[str, str], _Global] = {
+    ("numpy.core.multiarray", "_reconstruct"): _Global(_safe_reconstruct, "_reconstruct"),
+    ("numpy._core.multiarray", "_reconstruct"): _Global(_safe_reconstruct, "_reconstruct"),
+    ("numpy.core.numeric", "_frombuffer"): _Global(_safe_frombuffer, "_frombuffer"),
+    ("numpy._core.numeric", "_frombuffer"): _Global(_safe_frombuffer, "_frombuffer"),
     ("numpy", "ndarray"): _NDARRAY_MARK,
-    ("numpy", "dtype"): _DtypeStub,
-    ("_codecs", "encode"): _safe_codecs_encode,
+    ("numpy", "dtype"): _Global(_DtypeStub, "numpy.dtype"),
+    ("_codecs", "encode"): _Global(_safe_codecs_encode, "_codecs.encode"),
 }
 
 
