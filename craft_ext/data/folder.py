@@ -62,7 +62,9 @@ class ImageFolderDataset(Dataset):
         transform: applied to each image tensor.
         on_error: ``"raise"``: an unreadable / corrupt image raises :class:`ImageDecodeError`
             naming the file. ``"skip"``: it is skipped with a warning and counted in
-            ``skipped`` (at load time the next readable sample is returned in its place).
+            ``skipped`` (at load time the next readable sample is returned in its place; counts
+            made inside DataLoader worker processes stay in those processes, so use
+            ``verify=True`` for an exact count up front).
         min_images: identities with fewer (listed, or readable when ``verify``) images are dropped.
         verify: decode every image once at construction (with a progress bar) so corrupt files are
             found up front; with ``on_error="skip"`` they are removed from the dataset.
