@@ -9,6 +9,8 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
+from hypothesis import given, settings
+from hypothesis import strategies as st
 
 from craft_ext.data import (
     RECORDIO_MAGIC,
@@ -225,6 +227,40 @@ def test_recordio_multipart_records(tmp_path: Path) -> None:
     assert [r.read(k) for k in range(len(payloads))] == payloads
     with pytest.raises(KeyError):
         r.read(99)
+
+
+def test_recordio_exact_bytes(tmp_path: Path) -> None:
+    magic = struct.pack("<I", RECORDIO_MAGIC)
+    with RecordIOWriter(tmp_path / "x.rec", tmp_path / "x.idx") as w:
+        w.write(0, b"abcde")
+        w.write(7, b"ab" * 2 + magic + b"z")
+    assert (tmp_path / "x.rec").read_bytes() == (
+        magic + struct.pack("<I", 5) + b"abcde\0\0\0"
+        + magic + struct.pack("<I", (1 << 29) | 4) + b"abab"
+        + magic + struct.pack("<I", (3 << 29) | 1) + b"z\0\0\0"
+    )  # fmt: skip
+    assert (tmp_path / "x.idx").read_text() == "0\t0\n7\t16\n"
+
+
+_MAGIC = struct.pack("<I", RECORDIO_MAGIC)
+
+
+@settings(max_examples=60, deadline=None)
+@given(
+    st.lists(
+        st.lists(st.one_of(st.binary(max_size=9), st.just(_MAGIC)), max_size=6).map(b"".join),
+        min_size=1,
+        max_size=5,
+    )
+)
+def test_recordio_roundtrip_property(tmp_path_factory, payloads: list[bytes]) -> None:
+    d = tmp_path_factory.mktemp("prop")
+    with RecordIOWriter(d / "p.rec", d / "p.idx") as w:
+        for k, p in enumerate(payloads):
+            w.write(10 * k, p)
+    assert (d / "p.rec").stat().st_size % 4 == 0
+    r = RecordIOReader(d / "p.rec", d / "p.idx")
+    assert [r.read(10 * k) for k in range(len(payloads))] == payloads
 
 
 def test_recordio_corrupt_record_is_named(tmp_path: Path) -> None:
