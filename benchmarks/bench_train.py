@@ -23,8 +23,9 @@ CASES = [
     ),
     pytest.param(
         "cuda",
-        dict(network="r50", width=1.0, image_size=112, batch_size=128, amp="bf16",
-             channels_last=True),
+        dict(
+            network="r50", width=1.0, image_size=112, batch_size=128, amp="bf16", channels_last=True
+        ),
         id="cuda-r50-112px-b128-bf16",
         marks=pytest.mark.skipif(not CUDA, reason="needs a CUDA GPU"),
     ),
@@ -35,8 +36,14 @@ CASES = [
 @pytest.mark.parametrize("reactivation", ["none", "craft"])
 def test_train_step_throughput(benchmark, tmp_path, device, options, reactivation):
     cfg = TrainConfig(
-        data="toy:64:8", val=[], workers=0, progress=False, output=str(tmp_path), device=device,
-        reactivation=reactivation, reactivate_every=1 if reactivation == "craft" else None,
+        data="toy:64:8",
+        val=[],
+        workers=0,
+        progress=False,
+        output=str(tmp_path),
+        device=device,
+        reactivation=reactivation,
+        reactivate_every=1 if reactivation == "craft" else None,
         **options,
     )
     trainer = Trainer(cfg)

@@ -16,9 +16,27 @@ from craft_ext.train import EpochBatches, Trainer, TrainingDiverged, parse_confi
 from craft_ext.train.cli import main as train_main
 
 TINY = [
-    "--data", "toy:12:8", "--image-size", "32", "--width", "0.25", "--embedding-size", "16",
-    "--batch-size", "16", "--workers", "0", "--no-progress", "--log-every", "2",
-    "--plant-inactive", "5", "--lr", "0.05", "--val", "toy",
+    "--data",
+    "toy:12:8",
+    "--image-size",
+    "32",
+    "--width",
+    "0.25",
+    "--embedding-size",
+    "16",
+    "--batch-size",
+    "16",
+    "--workers",
+    "0",
+    "--no-progress",
+    "--log-every",
+    "2",
+    "--plant-inactive",
+    "5",
+    "--lr",
+    "0.05",
+    "--val",
+    "toy",
 ]
 
 
@@ -136,7 +154,10 @@ def _free_port() -> int:
 
 def _ddp_worker(rank: int, world: int, port: int, out: str) -> None:
     os.environ.update(
-        MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port), WORLD_SIZE=str(world), RANK=str(rank),
+        MASTER_ADDR="127.0.0.1",
+        MASTER_PORT=str(port),
+        WORLD_SIZE=str(world),
+        RANK=str(rank),
         LOCAL_RANK=str(rank),
     )
     torch.set_num_threads(1)
@@ -162,11 +183,29 @@ def test_ddp_two_processes_end_identical(tmp_path):
 
 def test_lfw_view1_smoke(tmp_path, lfw_dir):
     args = [
-        "--data", str(lfw_dir / "images"), "--identities", str(lfw_dir / "peopleDevTrain.txt"),
-        "--val", f"pairs:{lfw_dir / 'pairsDevTest.txt'}:{lfw_dir / 'images'}",
-        "--width", "0.125", "--embedding-size", "16", "--batch-size", "16", "--max-steps", "2",
-        "--workers", "0", "--no-progress", "--log-every", "1", "--val-every", "2",
-        "--output", str(tmp_path),
+        "--data",
+        str(lfw_dir / "images"),
+        "--identities",
+        str(lfw_dir / "peopleDevTrain.txt"),
+        "--val",
+        f"{lfw_dir / 'pairsDevTest.txt'}:{lfw_dir / 'images'}",
+        "--width",
+        "0.125",
+        "--embedding-size",
+        "16",
+        "--batch-size",
+        "16",
+        "--max-steps",
+        "2",
+        "--workers",
+        "0",
+        "--no-progress",
+        "--log-every",
+        "1",
+        "--val-every",
+        "2",
+        "--output",
+        str(tmp_path),
     ]
     assert train_main(args) == 0
     records = read_jsonl(tmp_path / "metrics.jsonl")

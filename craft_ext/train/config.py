@@ -161,7 +161,7 @@ def build_parser() -> argparse.ArgumentParser:
             "  craft-train                                   # built-in demo, a few CPU minutes\n"
             "  craft-train --data ../shared/data/lfw112/images \\\n"
             "      --identities ../shared/data/lfw112/peopleDevTrain.txt \\\n"
-            "      --val pairs:../shared/data/lfw112/pairsDevTest.txt:"
+            "      --val ../shared/data/lfw112/pairsDevTest.txt:"
             "../shared/data/lfw112/images \\\n"
             "      --network r18 --epochs 20 --output runs/lfw-craft\n"
             "  torchrun --nproc_per_node 8 -m craft_ext.train.cli --data /data/ms1m --network r100 "
@@ -196,7 +196,8 @@ def build_parser() -> argparse.ArgumentParser:
         "--val",
         nargs="+",
         help="verification sets: 'toy', insightface .bin files, or "
-        "'pairs:PAIRS_FILE:IMAGES_DIR' (LFW pairs.txt / pairsDevTest.txt)",
+        "'PAIRS_FILE:IMAGES_DIR' (LFW pairs.txt / pairsDevTest.txt); 'NAME=' before any of "
+        "them renames it in the logs",
     )
     g.add_argument("--workers", type=int, help=f"data loader workers (default {d.workers})")
     g = p.add_argument_group("model")

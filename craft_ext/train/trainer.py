@@ -18,7 +18,6 @@ import math
 import os
 import time
 from collections.abc import Iterator
-from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -119,7 +118,11 @@ def build_train_set(cfg: TrainConfig) -> tuple[Dataset, int]:
         return ds, ds.num_classes
     if path.is_dir():
         ds = cdata.ImageFolderDataset(
-            path, identities=cfg.identities, min_images=cfg.min_images, on_error=cfg.on_error
+            path,
+            identities=cfg.identities,
+            min_images=cfg.min_images,
+            on_error=cfg.on_error,
+            progress=cfg.progress,
         )
         return ds, ds.num_classes
     raise FileNotFoundError(
@@ -127,26 +130,17 @@ def build_train_set(cfg: TrainConfig) -> tuple[Dataset, int]:
     )
 
 
-@dataclass
-class ValSet:
-    name: str
-    images: Tensor  # uint8 [2N, 3, H, W]
-    issame: Tensor  # bool [N]
-    folds: int = 10
+def build_val_sets(cfg: TrainConfig) -> list[Any]:
+    """Verification sets named by ``cfg.val`` (:class:`craft_ext.eval.VerificationSet`)."""
+    from craft_ext.eval import VerificationSet, load_verification_set
 
-
-def build_val_sets(cfg: TrainConfig) -> list[ValSet]:
-    """Verification sets named by ``cfg.val``."""
     out = []
     for spec in cfg.val:
         if spec == "toy":
             images, issame = toy_pairs(600, size=cfg.image_size, seed=cfg.seed)
-            out.append(ValSet("toy", images, issame))
-            continue
-        from craft_ext import eval as ceval
-
-        vs = ceval.load_verification_set(spec, image_size=cfg.image_size)
-        out.append(ValSet(vs.name, vs.images, vs.issame, getattr(vs, "folds", 10) or 10))
+            out.append(VerificationSet("toy", images, issame, 10))
+        else:
+            out.append(load_verification_set(spec, image_size=cfg.image_size, progress=False))
     return out
 
 
@@ -404,19 +398,18 @@ class Trainer:
         """Verification accuracy on every ``--val`` set (rank 0; others return {})."""
         if not self.is_main or not self.val_sets:
             return {}
-        from craft_ext.eval import extract_embeddings, verification_accuracy
+        from craft_ext.eval import evaluate
 
         out = {}
         for vs in self.val_sets:
-            emb = extract_embeddings(
+            res = evaluate(
                 self.backbone,
-                vs.images,
+                vs,
                 batch_size=max(32, self.cfg.batch_size),
                 device=self.device,
                 flip=True,
                 progress=False,
             )
-            res = verification_accuracy(emb[0::2], emb[1::2], vs.issame, folds=vs.folds)
             out[f"val/{vs.name}/accuracy"] = float(res["accuracy"])
             out[f"val/{vs.name}/accuracy_std"] = float(res["std"])
         self.backbone.train()
