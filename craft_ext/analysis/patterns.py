@@ -78,7 +78,8 @@ def filter_patterns(
     uniq, sizes = np.unique(labels, return_counts=True)
 
     k = min(2, n, d)
-    pca = PCA(n_components=k).fit(x) if n > 1 else None
+    varies = n > 1 and bool(np.any(x.std(axis=0) > 0))
+    pca = PCA(n_components=k).fit(x) if varies else None
     coords = pca.transform(x) if pca is not None else np.zeros((n, k))
     if coords.shape[1] < 2:
         coords = np.pad(coords, ((0, 0), (0, 2 - coords.shape[1])))
