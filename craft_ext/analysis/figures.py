@@ -130,12 +130,12 @@ def filter_grid(
         f"(row-major)",
         fontsize=13,
     )
-    fig.subplots_adjust(left=0.02, right=0.95, bottom=0.12, top=0.85, wspace=0.08)
-    cax_w = fig.add_axes([0.08, 0.07, 0.55, 0.025])
+    fig.subplots_adjust(left=0.02, right=0.95, bottom=0.2, top=0.86, wspace=0.08)
+    cax_w = fig.add_axes([0.08, 0.12, 0.55, 0.03])
     fig.colorbar(weight_im, cax=cax_w, orientation="horizontal").set_label(
         "weight (black negative, grey zero, white positive)", fontsize=10
     )
-    cax_s = fig.add_axes([0.73, 0.07, 0.2, 0.025])
+    cax_s = fig.add_axes([0.73, 0.12, 0.2, 0.03])
     fig.colorbar(std_im, cax=cax_s, orientation="horizontal").set_label("std", fontsize=10)
     save_figure(fig, out)
     return {
