@@ -338,11 +338,12 @@ def test_load_images_normalisation_and_bin(tmp_path: Path) -> None:
         Image.new("RGB", (8, 8), (v, v, v)).save(buf, format="PNG")
         blobs.append(buf.getvalue())
     path = tmp_path / "lfw.bin"
-    with open(path, "wb") as f:
-        pickle.dump((blobs, [True]), f)
-    x = load_images(path, n=2, size=(8, 8))
-    assert x.shape == (2, 3, 8, 8)
-    assert torch.all(x[0] == -1.0) and torch.all(x[1] == 1.0)
+    for protocol in (2, 4, 5):
+        with open(path, "wb") as f:
+            pickle.dump((blobs, np.array([True, False])), f, protocol=protocol)
+        x = load_images(path, n=2, size=(8, 8))
+        assert x.shape == (2, 3, 8, 8)
+        assert torch.all(x[0] == -1.0) and torch.all(x[1] == 1.0)
     assert load_images(path, n=10, size=(4, 4)).shape == (3, 3, 4, 4)  # resized
 
     evil = tmp_path / "evil.bin"
