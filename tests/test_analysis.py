@@ -333,7 +333,7 @@ def test_threshold_sweep_folder(tmp_path: Path) -> None:
 
 def test_load_images_normalisation_and_bin(tmp_path: Path) -> None:
     blobs = []
-    for v in (0, 255, 128):
+    for v in (0, 255, 128, 64):  # two pairs
         buf = io.BytesIO()
         Image.new("RGB", (8, 8), (v, v, v)).save(buf, format="PNG")
         blobs.append(buf.getvalue())
@@ -344,12 +344,12 @@ def test_load_images_normalisation_and_bin(tmp_path: Path) -> None:
         x = load_images(path, n=2, size=(8, 8))
         assert x.shape == (2, 3, 8, 8)
         assert torch.all(x[0] == -1.0) and torch.all(x[1] == 1.0)
-    assert load_images(path, n=10, size=(4, 4)).shape == (3, 3, 4, 4)  # resized
+    assert load_images(path, n=10, size=(4, 4)).shape == (4, 3, 4, 4)  # resized
 
     evil = tmp_path / "evil.bin"
     with open(evil, "wb") as f:
         pickle.dump((blobs, types.SimpleNamespace()), f)
-    with pytest.raises(AnalysisError, match="not allowed"):
+    with pytest.raises(AnalysisError, match="refusing to load"):
         load_images(evil)
     with pytest.raises(FileNotFoundError):
         load_images(tmp_path / "nothing")

@@ -12,9 +12,7 @@ decoded as RGB, resized to the network input size if needed and normalised as in
 
 from __future__ import annotations
 
-import io
 import os
-import pickle
 from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
@@ -55,40 +53,6 @@ def _to_tensor(img: Any, size: tuple[int, int]) -> Tensor:
     return (x / 255.0 - 0.5) / 0.5
 
 
-class _BinUnpickler(pickle.Unpickler):
-    """Unpickler for insightface .bin files: builtins and numpy arrays only."""
-
-    _ALLOWED = {
-        ("numpy.core.multiarray", "_reconstruct"),
-        ("numpy._core.multiarray", "_reconstruct"),
-        ("numpy", "ndarray"),
-        ("numpy", "dtype"),
-        ("numpy.core.multiarray", "scalar"),
-        ("numpy._core.multiarray", "scalar"),
-        ("numpy.core.numeric", "_frombuffer"),
-        ("numpy._core.numeric", "_frombuffer"),
-        ("builtins", "bytearray"),
-        ("_codecs", "encode"),  # bytes in protocol-2 pickles written by Python 3
-    }
-
-    def find_class(self, module: str, name: str) -> Any:
-        if (module, name) in self._ALLOWED:
-            return super().find_class(module, name)
-        raise pickle.UnpicklingError(f"{module}.{name} is not allowed in a .bin image set")
-
-
-def _bin_images(path: Path) -> list[bytes]:
-    try:
-        with open(path, "rb") as f:
-            obj = _BinUnpickler(f, encoding="bytes").load()
-    except Exception as exc:
-        raise AnalysisError(f"cannot read {str(path)!r} as an insightface .bin: {exc}") from exc
-    bins = obj[0] if isinstance(obj, (tuple, list)) and len(obj) == 2 else obj
-    if not isinstance(bins, (list, tuple, np.ndarray)):
-        raise AnalysisError(f"{str(path)!r}: expected (images, issame) in the .bin")
-    return [bytes(b) for b in bins]
-
-
 def load_images(
     data: str | os.PathLike | Tensor, n: int = 64, size: tuple[int, int] = (112, 112)
 ) -> Tensor:
@@ -126,9 +90,13 @@ def load_images(
             except (UnidentifiedImageError, OSError):
                 continue  # skip unreadable files
     elif path.suffix.lower() == ".bin":
-        for blob in _bin_images(path)[:n]:
-            with Image.open(io.BytesIO(blob)) as img:
-                images.append(_to_tensor(img, size))
+        from ..eval import load_bin  # restricted unpickler: a .bin file cannot run code
+
+        try:
+            pixels, _ = load_bin(path, image_size=size, progress=False)
+        except Exception as exc:
+            raise AnalysisError(f"cannot read {str(path)!r} as an insightface .bin: {exc}") from exc
+        return pixels[:n].float().div(127.5).sub(1.0)
     else:
         try:
             with Image.open(path) as img:
