@@ -18,9 +18,10 @@ from torch import Tensor
 
 __all__ = ["filter_major_perm", "filter_rows", "filter_stats_triton", "launch_filter_stats"]
 
-# Elements of one [BLOCK_N, BLOCK_K] tile; K is walked in chunks of at most _MAX_BLOCK_K.
-_TILE = 2048
-_MAX_BLOCK_K = 512
+# Elements of one [BLOCK_N, BLOCK_K] tile and the largest K chunk, on a GPU and (CPU tensors)
+# in the interpreter, where every program and every op costs Python overhead: large tiles.
+_TILE = {"gpu": 2048, "interpreter": 65536}
+_MAX_BLOCK_K = {"gpu": 512, "interpreter": 1024}
 
 
 def filter_major_perm(t: Tensor) -> list[int]:
@@ -37,8 +38,8 @@ def filter_rows(t: Tensor) -> Tensor | None:
     """A [N, K] view of ``t`` [N, ...] sharing its storage, or None when there is none.
 
     Row i holds the K = numel / N elements of filter ``t[i]`` in :func:`filter_major_perm`
-    order; the view has strides ``(t.stride(0), 1)``. None when a filter is not one dense block
-    (e.g. a slice along the last dim) or when rows would overlap.
+    order; the view has a unit column stride (and row stride ``t.stride(0)`` when N > 1). None
+    when a filter is not one dense block (e.g. a slice along the last dim) or rows overlap.
     """
     n = t.shape[0]
     k = t.numel() // n
@@ -51,7 +52,7 @@ def filter_rows(t: Tensor) -> Tensor | None:
         expected *= t.shape[d]
     if n > 1 and t.stride(0) < k:
         return None
-    return t.as_strided((n, k), (t.stride(0) if n > 1 else k, 1), t.storage_offset())
+    return t.permute(filter_major_perm(t)).view(n, k)
 
 
 def rows_like(other: Tensor, t: Tensor) -> Tensor:
@@ -64,10 +65,11 @@ def rows_like(other: Tensor, t: Tensor) -> Tensor:
     return other.permute(filter_major_perm(t)).reshape(n, t.numel() // n)
 
 
-def tile_shape(n: int, k: int) -> tuple[int, int]:
+def tile_shape(n: int, k: int, device: torch.device) -> tuple[int, int]:
     """``(BLOCK_N, BLOCK_K)`` powers of two for a kernel walking [N, K] rows in K chunks."""
-    block_k = min(triton.next_power_of_2(k), _MAX_BLOCK_K)
-    block_n = max(1, min(triton.next_power_of_2(n), _TILE // block_k))
+    where = "interpreter" if device.type == "cpu" else "gpu"
+    block_k = min(triton.next_power_of_2(k), _MAX_BLOCK_K[where])
+    block_n = max(1, min(triton.next_power_of_2(n), _TILE[where] // block_k))
     return block_n, block_k
 
 
@@ -150,7 +152,7 @@ def launch_filter_stats(rows: Tensor) -> tuple[Tensor, Tensor, Tensor, Tensor]:
     """Run the stats kernel on ``rows`` [N, K] (unit column stride); four float32 [N]."""
     n, k = rows.shape
     outs = [torch.empty(n, dtype=torch.float32, device=rows.device) for _ in range(4)]
-    block_n, block_k = tile_shape(n, k)
+    block_n, block_k = tile_shape(n, k, rows.device)
     grid = (triton.cdiv(n, block_n),)
     torch.library.wrap_triton(_filter_stats_kernel)[grid](
         rows, *outs, n, k, rows.stride(0), BLOCK_N=block_n, BLOCK_K=block_k

@@ -162,7 +162,7 @@ def reactivate_triton_(
         else:
             reactivated = inactive.clone()
 
-    block_n, block_k = tile_shape(n, k)
+    block_n, block_k = tile_shape(n, k, device)
     grid = (triton.cdiv(n, block_n),)
     torch.library.wrap_triton(_rewrite_rows_kernel)[grid](
         rows,
