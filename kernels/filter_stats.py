@@ -16,7 +16,14 @@ import triton
 import triton.language as tl
 from torch import Tensor
 
-__all__ = ["filter_major_perm", "filter_rows", "filter_stats_triton", "launch_filter_stats"]
+__all__ = [
+    "filter_major_perm",
+    "filter_rows",
+    "filter_stats_triton",
+    "launch_filter_stats",
+    "rows_like",
+    "tile_shape",
+]
 
 # Elements of one [BLOCK_N, BLOCK_K] tile and the largest K chunk, on a GPU and (CPU tensors)
 # in the interpreter, where every program and every op costs Python overhead: large tiles.
