@@ -107,6 +107,11 @@ def _triton_usable(device: torch.device) -> bool:
     return device.type == "cpu" and os.environ.get("TRITON_INTERPRET", "") == "1"
 
 
+def _triton_name(op: str) -> str:
+    """Name of ``op``'s Triton operator: ``filter_stats_triton``, ``reactivate_triton_``."""
+    return op[:-1] + "_triton_" if op.endswith("_") else op + "_triton"
+
+
 def available_backends(device: torch.device | str, op: str = "filter_stats") -> list[str]:
     """Backends that can run ``op`` on ``device`` in this process (never includes ``auto``)."""
     device = torch.device(device)
@@ -115,7 +120,7 @@ def available_backends(device: torch.device | str, op: str = "filter_stats") -> 
         out.append("cpp")
     if device.type == "cuda" and has_kernel(op, "CUDA"):
         out.append("cuda")
-    if _triton_usable(device) and hasattr(torch.ops.craft_ext, f"{op}_triton"):
+    if _triton_usable(device) and hasattr(torch.ops.craft_ext, _triton_name(op)):
         out.append("triton")
     out.append("reference")
     return out
@@ -356,7 +361,7 @@ def _register_fakes() -> None:
         qualnames = []
         if extension_loaded():
             qualnames.append(f"craft_ext::{name}")
-        triton_name = name[:-1] + "_triton_" if name.endswith("_") else name + "_triton"
+        triton_name = _triton_name(name)
         if hasattr(torch.ops.craft_ext, triton_name):
             qualnames.append(f"craft_ext::{triton_name}")
         for qualname in qualnames:

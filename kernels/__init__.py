@@ -12,8 +12,4 @@ import importlib
 _SUBMODULES = ("filter_stats", "reactivate")
 
 for _name in _SUBMODULES:
-    try:
-        importlib.import_module(f"{__name__}.{_name}")
-    except ModuleNotFoundError as _exc:  # a kernel file not written yet in this checkout
-        if _exc.name != f"{__name__}.{_name}":
-            raise
+    importlib.import_module(f"{__name__}.{_name}")
