@@ -47,6 +47,7 @@ class TrainConfig:
     # model
     network: str = "r18"
     width: float = 1.0
+    widths: list[int] | None = None
     embedding_size: int = 512
     dropout: float = 0.0
     activation: str = "prelu"
@@ -111,6 +112,10 @@ class TrainConfig:
             (self.workers >= 0, f"workers must be >= 0, got {self.workers}"),
             (self.image_size >= 16, f"image_size must be >= 16, got {self.image_size}"),
             (self.width > 0, f"width must be > 0, got {self.width}"),
+            (
+                self.widths is None or (len(self.widths) == 4 and min(self.widths) >= 1),
+                f"widths must be four positive stage widths, got {self.widths}",
+            ),
             (self.embedding_size >= 1, "embedding_size must be >= 1"),
             (self.plant_inactive >= 0, "plant_inactive must be >= 0"),
             (self.warmup_epochs >= 0, "warmup_epochs must be >= 0"),
@@ -203,6 +208,14 @@ def build_parser() -> argparse.ArgumentParser:
     g = p.add_argument_group("model")
     g.add_argument("--network", help=f"r18 | r34 | r50 | r100 | r200 (default {d.network})")
     g.add_argument("--width", type=float, help="width multiplier (1.0 = insightface)")
+    g.add_argument(
+        "--widths",
+        type=int,
+        nargs=4,
+        metavar="C",
+        help="explicit stage widths (overrides --width), e.g. 64 32 64 128 keeps the 64 "
+        "first-layer filters of the paper in a narrow CPU-sized network",
+    )
     g.add_argument("--embedding-size", type=int, help=f"default {d.embedding_size}")
     g.add_argument("--dropout", type=float)
     g.add_argument("--activation", choices=("prelu", "leaky_relu", "relu"))
@@ -249,7 +262,10 @@ def build_parser() -> argparse.ArgumentParser:
         "--reactivate-every", type=int, help="reactivate every N steps instead of at each epoch end"
     )
     g.add_argument(
-        "--plant-inactive", type=int, help="demo: start with this many inactive first-layer filters"
+        "--plant-inactive",
+        type=int,
+        help="demo: make this many first-layer filters inactive at the first epoch end, before "
+        "reactivation (simulates filters that died in a long run)",
     )
     g = p.add_argument_group("run")
     g.add_argument("--output", help=f"run directory (default {d.output})")
