@@ -298,18 +298,16 @@ class Reactivator:
 
     def _reactivate_one(self, i: int) -> Reactivation:
         w = self.weights[i]
-        res = reactivate_(
+        state = self.optimizer.state.get(w) if self.optimizer is not None else None
+        res = reactivate_and_reset(
             w,
+            self._used[i],
+            self._total[i],
+            list(state.values()) if state else [],
             method=self.method,
             threshold=self.threshold,
-            used=self._used[i],
             generator=self._generators[str(w.device)],
         )
-        if self.optimizer is not None:
-            state = self.optimizer.state.get(w)
-            if state:
-                _reset_rows(state.values(), res.reactivated, w)
-        self._total[i].add_(res.count)
         if not _capturing(w):
             self._pending.append(
                 _Pending(self.steps, self.names[i], self.method, res.reactivated, res.donor)
@@ -438,6 +436,40 @@ class Reactivator:
         loaded, self._loaded = self._loaded, None
         if loaded is not None:
             self.load_state_dict(loaded)
+
+
+def reactivate_and_reset(
+    weight: Tensor,
+    used: Tensor,
+    total: Tensor,
+    state: list[object],
+    *,
+    method: str,
+    threshold: float,
+    generator: torch.Generator | None,
+    backend: str | None = None,
+) -> Reactivation:
+    """One reactivation of ``weight`` [N, ...]: the body :class:`Reactivator` runs per weight.
+
+    ``craft_ext.reactivate_(weight, used=used, generator=generator, ...)`` (in place; ``used``
+    bool [N] updated), then rows i with ``reactivated[i]`` are zeroed in every tensor of
+    ``state`` shaped like ``weight`` (the optimizer's per-parameter state values; others are
+    skipped), and ``total`` (int64 []) += the number reactivated. Device-side only: it traces
+    under ``torch.compile(fullgraph=True)`` with ``generator=None`` and ``backend="auto"``
+    (Dynamo cannot trace an explicit ``torch.Generator`` argument).
+    """
+    with torch.no_grad():
+        res = reactivate_(
+            weight,
+            method=method,
+            threshold=threshold,
+            used=used,
+            generator=generator,
+            backend=backend,
+        )
+        _reset_rows(state, res.reactivated, weight)
+        total.add_(res.count)
+    return res
 
 
 def _reset_rows(values: Iterable[object], reactivated: Tensor, weight: Tensor) -> None:
