@@ -54,13 +54,19 @@ class ReactivationEvent(NamedTuple):
 
 
 class _Pending(NamedTuple):
-    """An event still on the device: ``reactivated`` bool [N] and ``donor`` int64 [N]."""
+    """k events of one weight still on the device: ``reactivated`` bool [k, N] and ``donor``
+    int64 [k, N]; ``seq`` (global order) and ``steps`` have k entries each."""
 
-    step: int
+    seq: tuple[int, ...]
+    steps: tuple[int, ...]
     name: str
     method: str
     reactivated: Tensor
     donor: Tensor
+
+
+#: pending records are stacked (device-side ``torch.cat``, no sync) per weight past this many
+_COMPACT_AT = 256
 
 
 def _check_method(method: object) -> str:
@@ -224,6 +230,7 @@ class Reactivator:
         self.interval: int | None = None
         self.optimizer: torch.optim.Optimizer | None = None
         self._pending: list[_Pending] = []
+        self._seq = 0
         self._host_events: list[ReactivationEvent] = []
         self._handles: list[Any] = []
         self._loaded: dict[str, Any] | None = None
@@ -309,10 +316,41 @@ class Reactivator:
             generator=self._generators[str(w.device)],
         )
         if not _capturing(w):
-            self._pending.append(
-                _Pending(self.steps, self.names[i], self.method, res.reactivated, res.donor)
-            )
+            self._record(self.names[i], res)
         return res
+
+    def _record(self, name: str, res: Reactivation) -> None:
+        """Keep the event on the device (the op's outputs are fresh tensors: no copy)."""
+        self._seq += 1
+        self._pending.append(
+            _Pending(
+                (self._seq,),
+                (self.steps,),
+                name,
+                self.method,
+                res.reactivated.unsqueeze(0),
+                res.donor.unsqueeze(0),
+            )
+        )
+        if len(self._pending) > _COMPACT_AT:
+            self._compact()
+
+    def _compact(self) -> None:
+        """Stack pending records per (weight, method): a few device copies, no sync."""
+        groups: dict[tuple[str, str], list[_Pending]] = {}
+        for p in self._pending:
+            groups.setdefault((p.name, p.method), []).append(p)
+        self._pending = [
+            _Pending(
+                tuple(s for p in ps for s in p.seq),
+                tuple(s for p in ps for s in p.steps),
+                name,
+                method,
+                torch.cat([p.reactivated for p in ps]),
+                torch.cat([p.donor for p in ps]),
+            )
+            for (name, method), ps in groups.items()
+        ]
 
     # -- events -----------------------------------------------------------------------------
 
@@ -335,20 +373,24 @@ class Reactivator:
         if not self._pending:
             return
         pending, self._pending = self._pending, []
-        masks = torch.cat([p.reactivated.reshape(-1) for p in pending]).cpu()
-        donors = torch.cat([p.donor.reshape(-1).to(torch.int64) for p in pending]).cpu()
+        masks = torch.cat([p.reactivated.reshape(-1).cpu() for p in pending])
+        donors = torch.cat([p.donor.reshape(-1).to(torch.int64).cpu() for p in pending])
+        found: list[tuple[int, ReactivationEvent]] = []
         start = 0
         for p in pending:
-            n = p.reactivated.numel()
-            mask, donor = masks[start : start + n], donors[start : start + n]
-            start += n
-            filters = torch.arange(n)[mask]
-            if filters.numel():
-                self._host_events.append(
-                    ReactivationEvent(
-                        p.step, p.name, p.method, filters.tolist(), donor[filters].tolist()
+            k, n = p.reactivated.shape
+            rows = masks[start : start + k * n].view(k, n)
+            donor = donors[start : start + k * n].view(k, n)
+            start += k * n
+            for j in range(k):
+                filters = torch.arange(n)[rows[j]]
+                if filters.numel():
+                    event = ReactivationEvent(
+                        p.steps[j], p.name, p.method, filters.tolist(), donor[j][filters].tolist()
                     )
-                )
+                    found.append((p.seq[j], event))
+        found.sort(key=lambda item: item[0])
+        self._host_events.extend(event for _, event in found)
 
     @property
     def total_reactivated(self) -> int:
@@ -372,6 +414,7 @@ class Reactivator:
             "used": [u.clone() for u in self._used],
             "total": [t.clone() for t in self._total],
             "generators": {dev: g.get_state() for dev, g in self._generators.items()},
+            "seq": self._seq,
             "pending": [tuple(p) for p in self._pending],
             "events": [tuple(e) for e in self._host_events],
         }
@@ -407,9 +450,12 @@ class Reactivator:
         self.calls = int(state["calls"])
         self._pending = []
         by_name = {n: w for n, w in zip(self.names, self.weights, strict=True)}
-        for step, name, method, mask, donor in state["pending"]:
+        for seq, steps, name, method, mask, donor in state["pending"]:
             dev = by_name[name].device if name in by_name else mask.device
-            self._pending.append(_Pending(step, name, method, mask.to(dev), donor.to(dev)))
+            self._pending.append(
+                _Pending(tuple(seq), tuple(steps), name, method, mask.to(dev), donor.to(dev))
+            )
+        self._seq = int(state["seq"])
         self._host_events = [
             ReactivationEvent(int(s), n, m, list(f), list(d)) for s, n, m, f, d in state["events"]
         ]

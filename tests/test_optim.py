@@ -214,6 +214,20 @@ def test_events_content(method):
     assert r.drain_events() == events and r.events == [] and r.drain_events() == []
 
 
+def test_pending_events_are_compacted_without_changing_them(monkeypatch):
+    def run() -> list[craft_ext.ReactivationEvent]:
+        model = make_model()
+        opt = craft_ext.ReactivatingSGD(
+            model.parameters(), lr=0.01, reactivate=[model[0], model[2]], interval=1, seed=2
+        )
+        train(model, opt, 0, 9, kill=True)
+        return opt.drain_events()
+
+    plain = run()
+    monkeypatch.setattr(craft_ext.reactivator, "_COMPACT_AT", 2)
+    assert run() == plain and len(plain) >= 3
+
+
 def test_names_from_pairs_and_optimizer():
     model = make_model()
     opt = torch.optim.SGD(model.named_parameters(), lr=0.1)
@@ -244,8 +258,9 @@ def build(method: str):
     return model, opt
 
 
-@pytest.mark.parametrize("method", ["craft", "random"])
-def test_resume_is_bit_identical(method):
+@pytest.mark.parametrize("method,compact_at", [("craft", 256), ("random", 3)])
+def test_resume_is_bit_identical(method, compact_at, monkeypatch):
+    monkeypatch.setattr(craft_ext.reactivator, "_COMPACT_AT", compact_at)
     k = 5
     model_a, opt_a = build(method)
     train(model_a, opt_a, 0, 2 * k, kill=True)
