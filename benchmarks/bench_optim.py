@@ -133,14 +133,13 @@ def test_optimizer_step(benchmark, device, kind):
 def test_cuda_step_no_sync_and_graph_capture():
     opt, first = _setup("cuda", "craft")
     assert isinstance(opt, craft_ext.ReactivatingSGD)
-    for _ in range(3):
-        opt.step()
-    torch.cuda.synchronize()
-    torch.cuda.set_sync_debug_mode("error")
+    opt.step()  # creates the momentum buffers
+    torch.cuda.set_sync_debug_mode("error")  # any host sync in step() raises
     try:
-        opt.step()
+        for _ in range(3):
+            opt.step()
     finally:
-        torch.cuda.set_sync_debug_mode(0)
+        torch.cuda.set_sync_debug_mode("default")
     graph = torch.cuda.CUDAGraph()
     side = torch.cuda.Stream()
     side.wait_stream(torch.cuda.current_stream())

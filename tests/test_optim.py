@@ -356,7 +356,7 @@ def test_cuda_step_no_sync_and_graph_capture():
         model.parameters(), lr=0.01, momentum=0.9, reactivate=model[0], interval=1, seed=0
     )
     x = batch(0).cuda()
-    for _ in range(3):  # warm up (creates momentum buffers) on a side stream
+    for _ in range(3):  # warm up (creates the momentum buffers)
         opt.zero_grad(set_to_none=False)
         model(x).square().mean().backward()
         opt.step()
@@ -370,14 +370,10 @@ def test_cuda_step_no_sync_and_graph_capture():
         torch.cuda.set_sync_debug_mode(0)
     assert opt.total_reactivated == 1
     graph = torch.cuda.CUDAGraph()
-    side = torch.cuda.Stream()
-    side.wait_stream(torch.cuda.current_stream())
-    with torch.cuda.stream(side):
-        with torch.cuda.graph(graph):
-            opt.zero_grad(set_to_none=False)
-            model(x).square().mean().backward()
-            opt.step()
-    torch.cuda.current_stream().wait_stream(side)
+    with torch.cuda.graph(graph):  # a whole training step, reactivation included
+        opt.zero_grad(set_to_none=False)
+        model(x).square().mean().backward()
+        opt.step()
     plant(model[0].weight, [2])
     graph.replay()
     torch.cuda.synchronize()
