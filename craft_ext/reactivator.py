@@ -13,8 +13,15 @@ filter it replaces::
 
 Scalar state is left as it is. In particular Adam's ``step`` keeps counting, so the bias
 corrections ``1 - beta^step`` of a reset row are those of the whole tensor, not of a fresh
-start: the first update of a reactivated filter is ``lr * (1 - beta1) / sqrt(1 - beta2)`` times
-``sign(grad)`` (about ``3.2 * lr`` with the default betas) instead of ``lr``.
+start: once ``step`` is large (``beta^step`` ~ 0), the first update of a reactivated filter is
+``lr * (1 - beta1) / sqrt(1 - beta2) * sign(grad)`` (about ``3.2 * lr`` with the default
+betas) instead of the ``lr * sign(grad)`` of a fresh Adam; it settles as the moments refill.
+
+State: per watched weight a donor mask ``used`` bool [N] (a donor is spent once for the life
+of the mask), one ``torch.Generator`` per device, step / call counters and the pending events.
+It is kept by the :class:`Reactivator` and saved under the key ``"craft_reactivator"`` of the
+attached optimizer's ``state_dict()`` (not in ``optimizer.state``, whose per-parameter entries
+torch optimizers such as Adam initialise lazily when they are empty).
 
 Nothing in a reactivation reads a tensor back to the host (no ``.item()``, ``.cpu()``,
 ``nonzero()``, boolean-mask indexing or branching on tensor values): events are kept on the
@@ -153,7 +160,7 @@ def _check_targets(targets: list[tuple[str | None, Tensor]]) -> None:
             )
 
 
-def _shared_default_seed(device: torch.device) -> int:
+def _shared_default_seed() -> int:
     """A seed equal on every rank: this process's, broadcast from rank 0 when distributed.
 
     Derived from ``torch.initial_seed()`` (so ``torch.manual_seed`` makes it reproducible)
@@ -218,7 +225,7 @@ class Reactivator:
         self._total = [torch.zeros((), dtype=torch.int64, device=w.device) for w in self.weights]
         devices = sorted({str(w.device) for w in self.weights})
         if seed is None and devices:
-            seed = _shared_default_seed(self.weights[0].device)
+            seed = _shared_default_seed()
         self.seed = seed
         self._generators: dict[str, torch.Generator] = {}
         for dev in devices:
@@ -358,7 +365,9 @@ class Reactivator:
     def events(self) -> list[ReactivationEvent]:
         """Events not yet drained, oldest first (reading copies pending records to the host).
 
-        Reactivations that reactivated no filter are not listed.
+        Reactivations that reactivated no filter are not listed. Reactivations run inside
+        CUDA-graph capture (and so their replays) record no event: a replay would overwrite
+        the captured outputs; :attr:`total_reactivated` still counts them.
         """
         self._flush()
         return list(self._host_events)
