@@ -29,6 +29,8 @@ from .ops import (
     resolve_backend,
     use_backend,
 )
+from .optim import ReactivatingSGD
+from .reactivator import ReactivationEvent, Reactivator
 
 __version__ = "0.1.0"
 
@@ -36,7 +38,10 @@ __all__ = [
     "BACKENDS",
     "METHODS",
     "FilterStats",
+    "ReactivatingSGD",
     "Reactivation",
+    "ReactivationEvent",
+    "Reactivator",
     "available_backends",
     "extension_error",
     "extension_loaded",

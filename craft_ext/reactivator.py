@@ -1,0 +1,544 @@
+"""CRAFT reactivation as a hook on any torch optimizer (Bhatta et al., arXiv 2312.00072).
+
+:class:`Reactivator` watches conv / linear weights ``W`` [N, ...] (N filters; the paper watches
+the first conv layer). Each reactivation calls :func:`craft_ext.reactivate_` on every watched
+weight: filter i is inactive when ``max_k |W[i, k]| <= threshold`` (the paper's 1e-3) and is
+overwritten in place (``craft``: ``W[i] <- -W[d(i)]`` for a strong, not yet spent donor d(i)).
+Then every per-parameter optimizer state tensor shaped like ``W`` (SGD ``momentum_buffer``,
+Adam/AdamW ``exp_avg``, ``exp_avg_sq``, ``max_exp_avg_sq``, ...) gets the rows of the
+reactivated filters set to zero, so a new filter does not inherit the momentum of the dead
+filter it replaces::
+
+    state[i, ...] <- 0   for every reactivated i,   state[j, ...] unchanged otherwise
+
+Scalar state is left as it is. In particular Adam's ``step`` keeps counting, so the bias
+corrections ``1 - beta^step`` of a reset row are those of the whole tensor, not of a fresh
+start: once ``step`` is large (``beta^step`` ~ 0), the first update of a reactivated filter is
+``lr * (1 - beta1) / sqrt(1 - beta2) * sign(grad)`` (about ``3.2 * lr`` with the default
+betas) instead of the ``lr * sign(grad)`` of a fresh Adam; it settles as the moments refill.
+
+State: per watched weight a donor mask ``used`` bool [N] (a donor is spent once for the life
+of the mask), one ``torch.Generator`` per device, step / call counters and the pending events.
+It is kept by the :class:`Reactivator` and saved under the key ``"craft_reactivator"`` of the
+attached optimizer's ``state_dict()`` (not in ``optimizer.state``, whose per-parameter entries
+torch optimizers such as Adam initialise lazily when they are empty).
+
+Nothing in a reactivation reads a tensor back to the host (no ``.item()``, ``.cpu()``,
+``nonzero()``, boolean-mask indexing or branching on tensor values): events are kept on the
+device and copied to the host only when :attr:`Reactivator.events` is read.
+"""
+
+from __future__ import annotations
+
+import warnings
+from collections.abc import Iterable, Mapping
+from typing import Any, NamedTuple
+
+import torch
+from torch import Tensor, nn
+
+from .ops import _FLOAT_DTYPES, METHODS, Reactivation, _check_threshold, reactivate_
+
+__all__ = ["ReactivationEvent", "Reactivator"]
+
+_STATE_KEY = "craft_reactivator"
+_FORMAT_VERSION = 1
+
+
+class ReactivationEvent(NamedTuple):
+    """One reactivation of one watched weight, on the host.
+
+    ``filters`` are the reactivated filter (row) indices in increasing order and ``donors[j]``
+    is the filter whose values ``filters[j]`` was built from (-1 where there is none, e.g. for
+    ``method="random"``). ``step`` is the number of optimizer steps taken before it.
+    """
+
+    step: int
+    name: str
+    method: str
+    filters: list[int]
+    donors: list[int]
+
+
+class _Pending(NamedTuple):
+    """k events of one weight still on the device: ``reactivated`` bool [k, N] and ``donor``
+    int64 [k, N]; ``seq`` (global order) and ``steps`` have k entries each."""
+
+    seq: tuple[int, ...]
+    steps: tuple[int, ...]
+    name: str
+    method: str
+    reactivated: Tensor
+    donor: Tensor
+
+
+#: pending records are stacked (device-side ``torch.cat``, no sync) per weight past this many
+_COMPACT_AT = 256
+
+
+def _check_method(method: object) -> str:
+    if not isinstance(method, str) or method not in METHODS:
+        raise ValueError(f"method must be one of {METHODS}, got {method!r}")
+    return method
+
+
+def _check_interval(interval: object) -> int | None:
+    if interval is None:
+        return None
+    if isinstance(interval, bool) or not isinstance(interval, int):
+        raise TypeError(f"interval must be a positive int or None, got {type(interval).__name__}")
+    if interval <= 0:
+        raise ValueError(f"interval must be a positive number of optimizer steps, got {interval}")
+    return interval
+
+
+def _as_weight(obj: object, what: str) -> Tensor:
+    """The weight tensor of a target: a module's ``.weight`` or the tensor itself."""
+    if isinstance(obj, nn.Module):
+        weight = getattr(obj, "weight", None)
+        if not isinstance(weight, Tensor):
+            raise TypeError(
+                f"targets: {what} is a {type(obj).__name__} without a .weight tensor; pass a "
+                "conv/linear module or its weight"
+            )
+        return weight
+    if isinstance(obj, Tensor):
+        return obj
+    raise TypeError(
+        f"targets: {what} must be a module, a Parameter or a (name, parameter) pair, "
+        f"got {type(obj).__name__}"
+    )
+
+
+def _normalise_targets(targets: object) -> list[tuple[str | None, Tensor]]:
+    """``targets`` as a list of ``(name or None, weight)``."""
+    if targets is None:
+        return []
+    if isinstance(targets, (nn.Module, Tensor)):
+        return [(None, _as_weight(targets, "the target"))]
+    if isinstance(targets, Mapping):
+        out = []
+        for key, value in targets.items():
+            if not isinstance(key, str):
+                raise TypeError(f"targets: dict keys must be names (str), got {key!r}")
+            out.append((key, _as_weight(value, f"targets[{key!r}]")))
+        return out
+    if isinstance(targets, (str, bytes)) or not isinstance(targets, Iterable):
+        raise TypeError(
+            "targets must be a module, a Parameter, or a list/dict of them (or of "
+            f"(name, parameter) pairs), got {type(targets).__name__}"
+        )
+    out = []
+    for i, item in enumerate(targets):
+        if isinstance(item, tuple) and len(item) == 2 and isinstance(item[0], str):
+            out.append((item[0], _as_weight(item[1], f"targets[{i}] ({item[0]!r})")))
+        else:
+            out.append((None, _as_weight(item, f"targets[{i}]")))
+    return out
+
+
+def _check_targets(targets: list[tuple[str | None, Tensor]]) -> None:
+    seen: dict[int, int] = {}
+    names: dict[str, int] = {}
+    for i, (name, w) in enumerate(targets):
+        label = f"targets[{i}]" + (f" ({name!r})" if name else "")
+        if id(w) in seen:
+            raise ValueError(f"targets: {label} duplicates targets[{seen[id(w)]}] (same tensor)")
+        seen[id(w)] = i
+        if name is not None:
+            if name in names:
+                raise ValueError(f"targets: name {name!r} is used twice (targets[{names[name]}])")
+            names[name] = i
+        if w.dim() < 2 or w.numel() == 0:
+            raise ValueError(
+                f"targets: {label} has shape {tuple(w.shape)}; a watched weight needs at least "
+                "2 dims [N filters, ...] and one element (conv or linear weights, not biases)"
+            )
+        if w.dtype not in _FLOAT_DTYPES:
+            raise TypeError(
+                f"targets: {label} must be float32, float16, bfloat16 or float64, got {w.dtype}"
+            )
+
+
+def _shared_default_seed() -> int:
+    """A seed equal on every rank: this process's, broadcast from rank 0 when distributed.
+
+    Derived from ``torch.initial_seed()`` (so ``torch.manual_seed`` makes it reproducible)
+    without drawing from any generator. The broadcast (a host sync) happens once, here.
+    """
+    seed = (torch.initial_seed() * 0x9E3779B97F4A7C15 + 0x5DEECE66D) % (1 << 63)
+    dist = torch.distributed
+    if dist.is_available() and dist.is_initialized():
+        on = torch.device("cuda", torch.cuda.current_device()) if _nccl() else torch.device("cpu")
+        buf = torch.tensor([seed], dtype=torch.int64, device=on)
+        dist.broadcast(buf, src=0)
+        seed = int(buf.item())
+    return seed
+
+
+def _nccl() -> bool:
+    return torch.distributed.get_backend() == "nccl"
+
+
+class Reactivator:
+    """Reactivates inactive filters of watched weights, alone or hooked to an optimizer.
+
+    Args:
+        targets: what to watch: a conv/linear module (its ``.weight``), a Parameter, or a
+            list / dict of them, or a list of ``(name, parameter)`` pairs. Each weight is
+            [N, ...] with N filters (rows). Names default to the parameter names the attached
+            optimizer knows (``named_parameters()`` passed to it), else ``"target{i}"``.
+        threshold: filter i is inactive when ``max |W[i]| <= threshold`` (paper: 1e-3).
+        method: ``"craft"`` (the paper's), ``"scaled_gaussian"`` or ``"random"``; see
+            :func:`craft_ext.reactivate_`.
+        seed: seed of the reactivation generator (one ``torch.Generator`` per device of the
+            watched weights). None: a seed derived from ``torch.initial_seed()``, broadcast from
+            rank 0 when ``torch.distributed`` is initialised, so that every DDP rank (holding
+            identical weights) makes identical reactivations.
+
+    Use :meth:`attach` to run on an optimizer (``interval=N``: after every N steps; the state
+    rows of reactivated filters are reset, see the module docs), :meth:`reactivate` to run now
+    (the paper: at every epoch end). ``state_dict()`` of an attached optimizer carries this
+    object's state (donor ``used`` masks, generator states, counters and pending events).
+    """
+
+    def __init__(
+        self,
+        targets: object,
+        *,
+        threshold: float = 1e-3,
+        method: str = "craft",
+        seed: int | None = None,
+    ) -> None:
+        self.method = _check_method(method)
+        self.threshold = _check_threshold(threshold)
+        if seed is not None and (isinstance(seed, bool) or not isinstance(seed, int)):
+            raise TypeError(f"seed must be an int or None, got {type(seed).__name__}")
+        pairs = _normalise_targets(targets)
+        _check_targets(pairs)
+        self._given_names = [name for name, _ in pairs]
+        self.names: list[str] = [name or f"target{i}" for i, (name, _) in enumerate(pairs)]
+        self.weights: list[Tensor] = [w for _, w in pairs]
+        self._used = [
+            torch.zeros(w.shape[0], dtype=torch.bool, device=w.device) for w in self.weights
+        ]
+        self._total = [torch.zeros((), dtype=torch.int64, device=w.device) for w in self.weights]
+        devices = sorted({str(w.device) for w in self.weights})
+        if seed is None and devices:
+            seed = _shared_default_seed()
+        self.seed = seed
+        self._generators: dict[str, torch.Generator] = {}
+        for dev in devices:
+            gen = torch.Generator(device=torch.device(dev))
+            gen.manual_seed(int(seed))  # type: ignore[arg-type]
+            self._generators[dev] = gen
+        self.steps = 0  #: optimizer steps seen (host counter: no sync)
+        self.calls = 0  #: reactivations run
+        self.interval: int | None = None
+        self.optimizer: torch.optim.Optimizer | None = None
+        self._pending: list[_Pending] = []
+        self._seq = 0
+        self._host_events: list[ReactivationEvent] = []
+        self._handles: list[Any] = []
+        self._loaded: dict[str, Any] | None = None
+
+    # -- attaching --------------------------------------------------------------------------
+
+    def attach(self, optimizer: torch.optim.Optimizer, interval: int | None = None) -> Reactivator:
+        """Hook into ``optimizer``; with ``interval=N`` reactivate after every N of its steps.
+
+        Registers a step post-hook (counts steps, reactivates every ``interval``), and
+        state-dict hooks so that ``optimizer.state_dict()`` / ``load_state_dict()`` carry
+        this object's state under the key ``"craft_reactivator"``. Every watched weight must
+        be a parameter of ``optimizer``. Returns ``self``.
+        """
+        if not isinstance(optimizer, torch.optim.Optimizer):
+            raise TypeError(f"optimizer must be a torch.optim.Optimizer, got {type(optimizer)}")
+        interval = _check_interval(interval)
+        if self.optimizer is not None:
+            raise RuntimeError("this Reactivator is already attached to an optimizer")
+        known: dict[int, str | None] = {}
+        for group in optimizer.param_groups:
+            names = group.get("param_names") or [None] * len(group["params"])
+            for p, n in zip(group["params"], names, strict=False):
+                known[id(p)] = n
+        for i, w in enumerate(self.weights):
+            if id(w) not in known:
+                raise ValueError(
+                    f"targets: {self.names[i]!r} (shape {tuple(w.shape)}) is not a parameter of "
+                    "the optimizer; pass the tensors the optimizer updates"
+                )
+            if self._given_names[i] is None and known[id(w)]:
+                self.names[i] = str(known[id(w)])
+        self.optimizer = optimizer
+        self.interval = interval
+        self._handles = [
+            optimizer.register_step_post_hook(self._after_step),
+            optimizer.register_state_dict_post_hook(self._optimizer_state_dict),
+            optimizer.register_load_state_dict_pre_hook(self._optimizer_load_pre),
+            optimizer.register_load_state_dict_post_hook(self._optimizer_load_post),
+        ]
+        return self
+
+    def detach(self) -> None:
+        """Remove the hooks registered by :meth:`attach`."""
+        for handle in self._handles:
+            handle.remove()
+        self._handles = []
+        self.optimizer = None
+        self.interval = None
+
+    def _after_step(self, optimizer: torch.optim.Optimizer, args: Any, kwargs: Any) -> None:
+        self.steps += 1
+        if self.interval is not None and self.steps % self.interval == 0:
+            self.reactivate()
+
+    # -- reactivation -----------------------------------------------------------------------
+
+    def reactivate(self) -> list[Reactivation]:
+        """Reactivate the inactive filters of every watched weight now (in place).
+
+        For each weight: :func:`craft_ext.reactivate_` with this object's ``used`` mask and
+        generator, then the rows of reactivated filters are zeroed in the attached optimizer's
+        state tensors shaped like the weight, and an event is recorded on the device.
+        Returns one :class:`craft_ext.Reactivation` per watched weight (on the device).
+        """
+        out = []
+        with torch.no_grad():
+            for i in range(len(self.weights)):
+                out.append(self._reactivate_one(i))
+        self.calls += 1
+        return out
+
+    def _reactivate_one(self, i: int) -> Reactivation:
+        w = self.weights[i]
+        state = self.optimizer.state.get(w) if self.optimizer is not None else None
+        res = reactivate_and_reset(
+            w,
+            self._used[i],
+            self._total[i],
+            list(state.values()) if state else [],
+            method=self.method,
+            threshold=self.threshold,
+            generator=self._generators[str(w.device)],
+        )
+        if not _capturing(w):
+            self._record(self.names[i], res)
+        return res
+
+    def _record(self, name: str, res: Reactivation) -> None:
+        """Keep the event on the device (the op's outputs are fresh tensors: no copy)."""
+        self._seq += 1
+        self._pending.append(
+            _Pending(
+                (self._seq,),
+                (self.steps,),
+                name,
+                self.method,
+                res.reactivated.unsqueeze(0),
+                res.donor.unsqueeze(0),
+            )
+        )
+        if len(self._pending) > _COMPACT_AT:
+            self._compact()
+
+    def _compact(self) -> None:
+        """Stack pending records per (weight, method): a few device copies, no sync."""
+        groups: dict[tuple[str, str], list[_Pending]] = {}
+        for p in self._pending:
+            groups.setdefault((p.name, p.method), []).append(p)
+        self._pending = [
+            _Pending(
+                tuple(s for p in ps for s in p.seq),
+                tuple(s for p in ps for s in p.steps),
+                name,
+                method,
+                torch.cat([p.reactivated for p in ps]),
+                torch.cat([p.donor for p in ps]),
+            )
+            for (name, method), ps in groups.items()
+        ]
+
+    # -- events -----------------------------------------------------------------------------
+
+    @property
+    def events(self) -> list[ReactivationEvent]:
+        """Events not yet drained, oldest first (reading copies pending records to the host).
+
+        Reactivations that reactivated no filter are not listed. Reactivations run inside
+        CUDA-graph capture (and so their replays) record no event: a replay would overwrite
+        the captured outputs; :attr:`total_reactivated` still counts them.
+        """
+        self._flush()
+        return list(self._host_events)
+
+    def drain_events(self) -> list[ReactivationEvent]:
+        """Return the events not yet drained and forget them."""
+        self._flush()
+        out, self._host_events = self._host_events, []
+        return out
+
+    def _flush(self) -> None:
+        if not self._pending:
+            return
+        pending, self._pending = self._pending, []
+        masks = torch.cat([p.reactivated.reshape(-1).cpu() for p in pending])
+        donors = torch.cat([p.donor.reshape(-1).to(torch.int64).cpu() for p in pending])
+        found: list[tuple[int, ReactivationEvent]] = []
+        start = 0
+        for p in pending:
+            k, n = p.reactivated.shape
+            rows = masks[start : start + k * n].view(k, n)
+            donor = donors[start : start + k * n].view(k, n)
+            start += k * n
+            for j in range(k):
+                filters = torch.arange(n)[rows[j]]
+                if filters.numel():
+                    event = ReactivationEvent(
+                        p.steps[j], p.name, p.method, filters.tolist(), donor[j][filters].tolist()
+                    )
+                    found.append((p.seq[j], event))
+        found.sort(key=lambda item: item[0])
+        self._host_events.extend(event for _, event in found)
+
+    @property
+    def total_reactivated(self) -> int:
+        """Filters reactivated so far, over all watched weights (reads the device counters)."""
+        return sum(int(t) for t in self._total)
+
+    # -- state ------------------------------------------------------------------------------
+
+    def state_dict(self) -> dict[str, Any]:
+        """Everything needed to resume bit-identically: masks, generators, counters, events.
+
+        Tensors stay on their devices (clones), generator states are CPU byte tensors.
+        """
+        return {
+            "version": _FORMAT_VERSION,
+            "names": list(self.names),
+            "method": self.method,
+            "threshold": self.threshold,
+            "steps": self.steps,
+            "calls": self.calls,
+            "used": [u.clone() for u in self._used],
+            "total": [t.clone() for t in self._total],
+            "generators": {dev: g.get_state() for dev, g in self._generators.items()},
+            "seq": self._seq,
+            "pending": [tuple(p) for p in self._pending],
+            "events": [tuple(e) for e in self._host_events],
+        }
+
+    def load_state_dict(self, state: Mapping[str, Any]) -> None:
+        """Restore :meth:`state_dict` output (masks are copied into the existing tensors)."""
+        if not isinstance(state, Mapping) or state.get("version") != _FORMAT_VERSION:
+            raise ValueError("state is not a Reactivator state_dict (missing or unknown version)")
+        used, total = list(state["used"]), list(state["total"])
+        if len(used) != len(self.weights) or len(total) != len(self.weights):
+            raise ValueError(
+                f"state holds {len(used)} watched weights, this Reactivator watches "
+                f"{len(self.weights)}"
+            )
+        for i, (u, w) in enumerate(zip(used, self.weights, strict=True)):
+            if tuple(u.shape) != (w.shape[0],):
+                raise ValueError(
+                    f"state: used mask {i} has shape {tuple(u.shape)}, weight {self.names[i]!r} "
+                    f"has {w.shape[0]} filters"
+                )
+        gens = dict(state["generators"])
+        if set(gens) != set(self._generators):
+            raise ValueError(
+                f"state has generators for devices {sorted(gens)}, expected "
+                f"{sorted(self._generators)}"
+            )
+        for i, w in enumerate(self.weights):
+            self._used[i].copy_(used[i].to(w.device, torch.bool))
+            self._total[i].copy_(total[i].to(w.device, torch.int64))
+        for dev, g in self._generators.items():
+            g.set_state(gens[dev].cpu())
+        self.steps = int(state["steps"])
+        self.calls = int(state["calls"])
+        self._pending = []
+        by_name = {n: w for n, w in zip(self.names, self.weights, strict=True)}
+        for seq, steps, name, method, mask, donor in state["pending"]:
+            dev = by_name[name].device if name in by_name else mask.device
+            self._pending.append(
+                _Pending(tuple(seq), tuple(steps), name, method, mask.to(dev), donor.to(dev))
+            )
+        self._seq = int(state["seq"])
+        self._host_events = [
+            ReactivationEvent(int(s), n, m, list(f), list(d)) for s, n, m, f, d in state["events"]
+        ]
+
+    def _optimizer_state_dict(
+        self, optimizer: torch.optim.Optimizer, state_dict: dict[str, Any]
+    ) -> dict[str, Any]:
+        state_dict[_STATE_KEY] = self.state_dict()
+        return state_dict
+
+    def _optimizer_load_pre(
+        self, optimizer: torch.optim.Optimizer, state_dict: dict[str, Any]
+    ) -> dict[str, Any]:
+        self._loaded = state_dict.pop(_STATE_KEY, None)
+        if self._loaded is None and self.weights:
+            warnings.warn(
+                "optimizer state_dict has no 'craft_reactivator' entry; the reactivation state "
+                "(donor masks, generator, counters) is left as it is",
+                stacklevel=3,
+            )
+        return state_dict
+
+    def _optimizer_load_post(self, optimizer: torch.optim.Optimizer) -> None:
+        loaded, self._loaded = self._loaded, None
+        if loaded is not None:
+            self.load_state_dict(loaded)
+
+
+def reactivate_and_reset(
+    weight: Tensor,
+    used: Tensor,
+    total: Tensor,
+    state: list[object],
+    *,
+    method: str,
+    threshold: float,
+    generator: torch.Generator | None,
+    backend: str | None = None,
+) -> Reactivation:
+    """One reactivation of ``weight`` [N, ...]: the body :class:`Reactivator` runs per weight.
+
+    ``craft_ext.reactivate_(weight, used=used, generator=generator, ...)`` (in place; ``used``
+    bool [N] updated), then rows i with ``reactivated[i]`` are zeroed in every tensor of
+    ``state`` shaped like ``weight`` (the optimizer's per-parameter state values; others are
+    skipped), and ``total`` (int64 []) += the number reactivated. Device-side only: it traces
+    under ``torch.compile(fullgraph=True)`` with ``generator=None`` and ``backend="auto"``
+    (Dynamo cannot trace an explicit ``torch.Generator`` argument).
+    """
+    with torch.no_grad():
+        res = reactivate_(
+            weight,
+            method=method,
+            threshold=threshold,
+            used=used,
+            generator=generator,
+            backend=backend,
+        )
+        _reset_rows(state, res.reactivated, weight)
+        total.add_(res.count)
+    return res
+
+
+def _reset_rows(values: Iterable[object], reactivated: Tensor, weight: Tensor) -> None:
+    """Zero rows ``i`` with ``reactivated[i]`` of every tensor in ``values`` shaped like weight.
+
+    ``buf.masked_fill_(mask.view(N, 1, ...), 0)``: a broadcast, device-side fill (no boolean
+    indexing, no sync); it also clears NaN/Inf, which a multiply by 0 would keep.
+    """
+    mask = reactivated.view(weight.shape[0], *([1] * (weight.dim() - 1)))
+    for buf in values:
+        if isinstance(buf, Tensor) and buf.shape == weight.shape and buf.device == weight.device:
+            buf.masked_fill_(mask, 0)
+
+
+def _capturing(weight: Tensor) -> bool:
+    """Inside CUDA-graph capture events are not recorded (replays would overwrite them)."""
+    return weight.device.type == "cuda" and torch.cuda.is_current_stream_capturing()
