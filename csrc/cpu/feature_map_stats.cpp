@@ -3,10 +3,10 @@
 // maps, which equals the min-max normalised ones) and redundancy (Eq. 10). Semantics:
 // craft_ext/reference.py::feature_map_stats.
 //
-// Samples are processed in parallel (at::parallel_for). For sample b, with x_i the n = H*W
-// values of map i: one pass gives sum (double accumulator), min and max; the centred maps
-// d_i = x_i - mean_i go to a per-sample scratch [C, n] whose Gram matrix G = D D^T (at::mm)
-// gives corr[i, k] = G_ik / sqrt(G_ii G_kk). Constant maps (min == max) get correlation 0 with
+// With x_bi the n = H*W values of map i of sample b: one parallel pass over the (b, i) rows
+// gives sum (double accumulator), min and max and writes the centred maps d_bi = x_bi - mean_bi
+// to a scratch [B, C, n]; at::bmm gives the Gram matrices G_b = D_b D_b^T (no nested
+// parallelism); a second parallel pass gives corr[b, i, k] = G_bik / sqrt(G_bii G_bkk). Constant maps (min == max) get correlation 0 with
 // every other map; the diagonal is exactly 1.
 
 #include <ATen/Parallel.h>
@@ -48,57 +48,63 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> feature_map_stats_cpu
   bool* rp = redundant.mutable_data_ptr<bool>();
   float* cp = return_corr ? corr.data_ptr<float>() : nullptr;
 
-  at::parallel_for(0, batch, 1, [&](int64_t b0, int64_t b1) {
-    at::Tensor centred = at::empty({chans, n}, x.options());
-    std::vector<float> mean(chans);
-    std::vector<float> inv_norm(chans);
-    std::vector<char> constant(chans);
-    std::vector<float> row(chans);
-    for (int64_t b = b0; b < b1; ++b) {
-      const float* xb = xp + b * chans * n;
-      float* db = centred.data_ptr<float>();
-      for (int64_t i = 0; i < chans; ++i) {
-        const float* xi = xb + i * n;
-        double acc = 0.0;
-        float lo = xi[0];
-        float hi = xi[0];
-        for (int64_t p = 0; p < n; ++p) {
-          acc += xi[p];
-          lo = std::min(lo, xi[p]);
-          hi = std::max(hi, xi[p]);
+  // Pass 1 over (sample, map) rows: sum, min, max and the centred row.
+  at::Tensor centred = at::empty({batch, chans, n}, x.options());
+  at::Tensor constant_t = at::empty({batch, chans}, fmap.options().dtype(at::kBool));
+  float* dp = centred.data_ptr<float>();
+  bool* kp = constant_t.mutable_data_ptr<bool>();
+  const int64_t rows = batch * chans;
+  const int64_t grain = std::max<int64_t>(1, 32768 / n);
+  at::parallel_for(0, rows, grain, [&](int64_t r0, int64_t r1) {
+    for (int64_t r = r0; r < r1; ++r) {
+      const float* xi = xp + r * n;
+      double acc = 0.0;
+      float lo = xi[0];
+      float hi = xi[0];
+      for (int64_t p = 0; p < n; ++p) {
+        acc += xi[p];
+        lo = std::min(lo, xi[p]);
+        hi = std::max(hi, xi[p]);
+      }
+      const float total = static_cast<float>(acc);
+      sp[r] = total;
+      ep[r] = std::abs(total) <= s_thr;
+      kp[r] = lo == hi;
+      const float mean = total / static_cast<float>(n);
+      float* di = dp + r * n;
+      for (int64_t p = 0; p < n; ++p) di[p] = xi[p] - mean;
+    }
+  });
+
+  // Gram matrices of the centred maps, one per sample (BLAS, parallel on its own).
+  const at::Tensor gram = at::bmm(centred, centred.transpose(1, 2)).contiguous();
+  const float* gp = gram.data_ptr<float>();
+
+  // Pass 2 over (sample, map) rows: correlations and redundancy.
+  at::parallel_for(0, rows, std::max<int64_t>(1, 8192 / chans), [&](int64_t r0, int64_t r1) {
+    for (int64_t r = r0; r < r1; ++r) {
+      const int64_t b = r / chans;
+      const int64_t i = r % chans;
+      const float* g = gp + b * chans * chans;
+      const bool* kb = kp + b * chans;
+      const float ss_i = g[i * chans + i];
+      const float inv_i = ss_i > 0.0f ? 1.0f / std::sqrt(ss_i) : 0.0f;
+      bool red = false;
+      for (int64_t k = 0; k < chans; ++k) {
+        float c;
+        if (k == i) {
+          c = 1.0f;
+        } else if (kb[i] || kb[k]) {
+          c = 0.0f;
+        } else {
+          const float ss_k = g[k * chans + k];
+          const float inv_k = ss_k > 0.0f ? 1.0f / std::sqrt(ss_k) : 0.0f;
+          c = std::min(1.0f, std::max(-1.0f, g[i * chans + k] * inv_i * inv_k));
         }
-        const float total = static_cast<float>(acc);
-        sp[b * chans + i] = total;
-        ep[b * chans + i] = std::abs(total) <= s_thr;
-        mean[i] = total / static_cast<float>(n);
-        constant[i] = lo == hi;
-        float* di = db + i * n;
-        for (int64_t p = 0; p < n; ++p) di[p] = xi[p] - mean[i];
+        if (k < i && c >= c_thr) red = true;
+        if (cp != nullptr) cp[r * chans + k] = c;
       }
-      const at::Tensor gram = at::mm(centred, centred.t()).contiguous();
-      const float* g = gram.data_ptr<float>();
-      for (int64_t i = 0; i < chans; ++i) {
-        const float ss = g[i * chans + i];
-        inv_norm[i] = ss > 0.0f ? 1.0f / std::sqrt(ss) : 0.0f;
-      }
-      for (int64_t i = 0; i < chans; ++i) {
-        bool red = false;
-        for (int64_t k = 0; k < chans; ++k) {
-          float r;
-          if (k == i) {
-            r = 1.0f;
-          } else if (constant[i] || constant[k]) {
-            r = 0.0f;
-          } else {
-            r = g[i * chans + k] * inv_norm[i] * inv_norm[k];
-            r = std::min(1.0f, std::max(-1.0f, r));
-          }
-          row[k] = r;
-          if (k < i && r >= c_thr) red = true;
-        }
-        rp[b * chans + i] = red;
-        if (cp != nullptr) std::copy(row.begin(), row.end(), cp + (b * chans + i) * chans);
-      }
+      rp[r] = red;
     }
   });
   return {sums, corr, empty, redundant};
