@@ -13,9 +13,11 @@ are used and no normalised copy is made. Three launches:
 1. ``_map_stats_kernel``: one read of the maps -> sum, mean, empty and "constant" (min == max).
 2. ``_centred_gram_kernel``: per sample, the Gram matrix of the *centred* maps (the mean is
    subtracted in registers as tiles are loaded) with ``tl.dot`` in 3xTF32 (tensor cores at
-   float32 accuracy), so large map means do not cancel.
-3. ``_corr_epilogue_kernel``: correlations (constant maps: 0 off the diagonal, diagonal 1,
-   clamped to [-1, 1]), optionally written out, and the redundancy flags.
+   float32 accuracy), so large map means do not cancel; positions are split across programs
+   into partial Gram matrices when B * tiles alone would leave the GPU idle.
+3. ``_corr_epilogue_kernel``: sums the partials (fixed order: deterministic), correlations
+   (constant maps: 0 off the diagonal, diagonal 1, clamped to [-1, 1]), optionally written
+   out, and the redundancy flags.
 
 Semantics: ``craft_ext.reference.feature_map_stats``.
 """
@@ -31,6 +33,9 @@ _STATS_BLOCK_C = 16
 _STATS_BLOCK_P = 256
 _GRAM_BLOCK_P = 32
 _EPI_BLOCK = 32
+# The Gram kernel splits the positions of each sample until about this many programs run
+# (B=100, C=64, 112x112 gets 10 splits; C=512, 7x7 needs none).
+_TARGET_PROGRAMS = 1024
 
 
 @triton.jit
@@ -83,8 +88,10 @@ def _centred_gram_kernel(
     x_ptr,
     mean_ptr,
     gram_ptr,
+    batch,
     chans,
     n,
+    per_split,
     stride_b,
     stride_c,
     stride_p,
@@ -92,14 +99,21 @@ def _centred_gram_kernel(
     BLOCK_P: tl.constexpr,
     PRECISION: tl.constexpr,
 ):
-    """Tile [BLOCK_I, BLOCK_I] of G_b = D_b D_b^T, D_b the centred maps [C, n] of sample b.
+    """Partial tile [BLOCK_I, BLOCK_I] of G_b = D_b D_b^T, D_b the centred maps [C, n] of b.
 
-    Grid (B, cdiv(C, BLOCK_I), cdiv(C, BLOCK_I)). Tiles of the maps are loaded, centred with
-    the means of ``_map_stats_kernel`` and multiplied with ``tl.dot`` (float32 accumulator).
+    Grid (B, T * T, S) with T = cdiv(C, BLOCK_I) tiles and S position splits: split s sums
+    positions [s * per_split, (s + 1) * per_split) into ``gram[s, b]`` (the epilogue adds the
+    S partials in a fixed order, so results are deterministic). Tiles of the maps are loaded,
+    centred with the means of ``_map_stats_kernel`` and multiplied with ``tl.dot``
+    (float32 accumulator).
     """
     b = tl.program_id(0)
-    ii = tl.program_id(1) * BLOCK_I + tl.arange(0, BLOCK_I)
-    kk = tl.program_id(2) * BLOCK_I + tl.arange(0, BLOCK_I)
+    tiles = tl.cdiv(chans, BLOCK_I)
+    ii = (tl.program_id(1) // tiles) * BLOCK_I + tl.arange(0, BLOCK_I)
+    kk = (tl.program_id(1) % tiles) * BLOCK_I + tl.arange(0, BLOCK_I)
+    split = tl.program_id(2)
+    p_lo = split * per_split
+    p_hi = tl.minimum(p_lo + per_split, n)
     i_ok = ii < chans
     k_ok = kk < chans
     mean_i = tl.load(mean_ptr + b * chans + ii, mask=i_ok, other=0.0)
@@ -109,16 +123,17 @@ def _centred_gram_kernel(
     b_base = base + kk.to(tl.int64)[:, None] * stride_c
     ps0 = tl.arange(0, BLOCK_P)
     acc = tl.zeros((BLOCK_I, BLOCK_I), dtype=tl.float32)
-    for p0 in range(0, n, BLOCK_P):
+    for p0 in range(p_lo, p_hi, BLOCK_P):
         ps = p0 + ps0
-        p_ok = (ps < n)[None, :]
+        p_ok = (ps < p_hi)[None, :]
         off = ps.to(tl.int64)[None, :] * stride_p
         a = tl.load(a_base + off, mask=i_ok[:, None] & p_ok, other=0.0).to(tl.float32)
         a = tl.where(i_ok[:, None] & p_ok, a - mean_i[:, None], 0.0)
         c = tl.load(b_base + off, mask=k_ok[:, None] & p_ok, other=0.0).to(tl.float32)
         c = tl.where(k_ok[:, None] & p_ok, c - mean_k[:, None], 0.0)
         acc = tl.dot(a, tl.trans(c), acc, input_precision=PRECISION)
-    out = gram_ptr + b.to(tl.int64) * chans * chans + ii[:, None] * chans + kk[None, :]
+    plane = (split.to(tl.int64) * batch + b) * chans * chans
+    out = gram_ptr + plane + ii[:, None] * chans + kk[None, :]
     tl.store(out, acc, mask=i_ok[:, None] & k_ok[None, :])
 
 
@@ -128,7 +143,9 @@ def _corr_epilogue_kernel(
     const_ptr,
     corr_ptr,
     red_ptr,
+    batch,
     chans,
+    splits,
     corr_threshold,
     BLOCK_I: tl.constexpr,
     BLOCK_K: tl.constexpr,
@@ -136,7 +153,8 @@ def _corr_epilogue_kernel(
 ):
     """Correlations of BLOCK_I maps of sample b against all maps; redundancy flags.
 
-    Grid (B, cdiv(C, BLOCK_I)). ``corr = clamp(G_ik / (sqrt(G_ii) sqrt(G_kk)), -1, 1)``, 0 when
+    Grid (B, cdiv(C, BLOCK_I)); G is the sum of the ``splits`` partial Gram matrices
+    ``gram[s, b]``. ``corr = clamp(G_ik / (sqrt(G_ii) sqrt(G_kk)), -1, 1)``, 0 when
     map i or k is constant, exactly 1 on the diagonal; ``redundant[i]`` = some k < i with
     ``corr >= corr_threshold``. ``corr`` [B, C, C] is written only when WRITE_CORR.
     """
@@ -144,18 +162,25 @@ def _corr_epilogue_kernel(
     ii = tl.program_id(1) * BLOCK_I + tl.arange(0, BLOCK_I)
     i_ok = ii < chans
     g_b = gram_ptr + b.to(tl.int64) * chans * chans
-    g_ii = tl.load(g_b + ii * (chans + 1), mask=i_ok, other=1.0)
+    split_stride = batch.to(tl.int64) * chans * chans
+    g_ii = tl.zeros((BLOCK_I,), dtype=tl.float32)
+    for sp in range(0, splits):
+        g_ii += tl.load(g_b + sp * split_stride + ii * (chans + 1), mask=i_ok, other=1.0)
     inv_i = tl.where(g_ii > 0, 1.0 / tl.sqrt(tl.maximum(g_ii, 1e-37)), 0.0)
     const_i = tl.load(const_ptr + b * chans + ii, mask=i_ok, other=0) != 0
     red = tl.zeros((BLOCK_I,), dtype=tl.int32)
     for k0 in range(0, chans, BLOCK_K):
         kk = k0 + tl.arange(0, BLOCK_K)
         k_ok = kk < chans
-        g_kk = tl.load(g_b + kk * (chans + 1), mask=k_ok, other=1.0)
+        g_kk = tl.zeros((BLOCK_K,), dtype=tl.float32)
+        g = tl.zeros((BLOCK_I, BLOCK_K), dtype=tl.float32)
+        mask = i_ok[:, None] & k_ok[None, :]
+        for sp in range(0, splits):
+            g_s = g_b + sp * split_stride
+            g_kk += tl.load(g_s + kk * (chans + 1), mask=k_ok, other=1.0)
+            g += tl.load(g_s + ii[:, None] * chans + kk[None, :], mask=mask, other=0.0)
         inv_k = tl.where(g_kk > 0, 1.0 / tl.sqrt(tl.maximum(g_kk, 1e-37)), 0.0)
         const_k = tl.load(const_ptr + b * chans + kk, mask=k_ok, other=0) != 0
-        mask = i_ok[:, None] & k_ok[None, :]
-        g = tl.load(g_b + ii[:, None] * chans + kk[None, :], mask=mask, other=0.0)
         r = g * inv_i[:, None] * inv_k[None, :]
         r = tl.minimum(tl.maximum(r, -1.0), 1.0)
         r = tl.where(const_i[:, None] | const_k[None, :], 0.0, r)
@@ -209,15 +234,22 @@ def feature_map_stats_triton(
         BLOCK_C=_STATS_BLOCK_C,
         BLOCK_P=_STATS_BLOCK_P,
     )
-    gram = torch.empty((b, c, c), dtype=torch.float32, device=dev)
     block_i = _gram_block(c)
-    grid2 = (b, triton.cdiv(c, block_i), triton.cdiv(c, block_i))
+    tiles = triton.cdiv(c, block_i)
+    chunks = triton.cdiv(n, _GRAM_BLOCK_P)
+    splits = max(1, min(chunks, _TARGET_PROGRAMS // (b * tiles * tiles)))
+    per_split = triton.cdiv(chunks, splits) * _GRAM_BLOCK_P
+    splits = triton.cdiv(n, per_split)
+    gram = torch.empty((splits, b, c, c), dtype=torch.float32, device=dev)
+    grid2 = (b, tiles * tiles, splits)
     torch.library.wrap_triton(_centred_gram_kernel)[grid2](
         x,
         mean,
         gram,
+        b,
         c,
         n,
+        per_split,
         *strides,
         BLOCK_I=block_i,
         BLOCK_P=_GRAM_BLOCK_P,
@@ -231,7 +263,9 @@ def feature_map_stats_triton(
         constant,
         corr,
         redundant,
+        b,
         c,
+        splits,
         corr_threshold,
         BLOCK_I=_EPI_BLOCK,
         BLOCK_K=_EPI_BLOCK,

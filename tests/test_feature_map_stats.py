@@ -150,6 +150,22 @@ def test_opcheck(device, backend):
         torch.library.opcheck(op, (x, 0.02, 0.9, return_corr), test_utils=utils)
 
 
+@pytest.mark.parametrize("device,backend", backend_params())
+def test_compile_fullgraph(device, backend):
+    require_backend(device, backend, "feature_map_stats")
+    if backend == "triton" and device == "cpu":
+        pytest.skip("Triton under torch.compile needs a GPU (the interpreter cannot be traced)")
+    x = _with_structure(_maps((2, 6, 5, 5), device=device, seed=8))
+
+    def fn(t):
+        return craft_ext.feature_map_stats(t, return_corr=True, backend=backend)
+
+    got = torch.compile(fn, fullgraph=True)(x)
+    want = reference.feature_map_stats(x, 0.02, 0.95, True)
+    for g, w in zip(got, want, strict=True):
+        torch.testing.assert_close(g, w, rtol=1e-5, atol=1e-5)
+
+
 def test_auto_backend_without_cuda_kernel():
     """There is no CUDA C++ kernel for this op: auto on CUDA must go to Triton or reference."""
     assert "cuda" not in craft_ext.available_backends("cuda", "feature_map_stats")
