@@ -261,7 +261,7 @@ def feature_map_stats_triton(
     torch.library.wrap_triton(_corr_epilogue_kernel)[grid3](
         gram,
         constant,
-        corr,
+        corr if return_corr else gram,  # never written without WRITE_CORR: no null pointer
         redundant,
         b,
         c,
