@@ -92,6 +92,15 @@ def test_large_means_are_accurate(device, backend):
 
 
 @pytest.mark.parametrize("device,backend", backend_params())
+def test_face_sized_maps_with_large_means(device, backend):
+    """112x112 maps (the paper's first layers) with mean 500 and unit spread."""
+    require_backend(device, backend, "feature_map_stats")
+    x = _maps((1, 6, 112, 112), device=device, seed=9, offset=500.0)
+    x[:, 3] = 0.8 * x[:, 1] + 0.1 * x[:, 3]
+    _check(craft_ext.feature_map_stats(x, return_corr=True, backend=backend), x, 0.02, 0.95)
+
+
+@pytest.mark.parametrize("device,backend", backend_params())
 def test_constant_maps(device, backend):
     require_backend(device, backend, "feature_map_stats")
     x = torch.full((2, 4, 3, 3), 2.5, device=device)
