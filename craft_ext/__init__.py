@@ -21,9 +21,11 @@ from ._extension import extension_error, extension_loaded
 from .ops import (
     BACKENDS,
     METHODS,
+    FeatureMapStats,
     FilterStats,
     Reactivation,
     available_backends,
+    feature_map_stats,
     filter_stats,
     reactivate_,
     resolve_backend,
@@ -37,6 +39,7 @@ __version__ = "0.1.0"
 __all__ = [
     "BACKENDS",
     "METHODS",
+    "FeatureMapStats",
     "FilterStats",
     "ReactivatingSGD",
     "Reactivation",
@@ -45,6 +48,7 @@ __all__ = [
     "available_backends",
     "extension_error",
     "extension_loaded",
+    "feature_map_stats",
     "filter_stats",
     "reactivate_",
     "resolve_backend",

@@ -42,9 +42,11 @@ from ._extension import KERNELS, TRITON_ERROR, extension_loaded, has_kernel
 __all__ = [
     "BACKENDS",
     "METHODS",
+    "FeatureMapStats",
     "FilterStats",
     "Reactivation",
     "available_backends",
+    "feature_map_stats",
     "filter_stats",
     "reactivate_",
     "resolve_backend",
@@ -323,6 +325,96 @@ def reactivate_(
 
 
 # --------------------------------------------------------------------------------------------
+# feature_map_stats
+# --------------------------------------------------------------------------------------------
+
+
+class FeatureMapStats(NamedTuple):
+    """What :func:`feature_map_stats` computed, all on the feature map's device."""
+
+    sum: Tensor  #: float32 [B, C], sum of each map over H, W
+    corr: Tensor | None  #: float32 [B, C, C] Pearson correlations, None unless requested
+    empty: Tensor  #: bool [B, C], |sum| <= sum_threshold
+    redundant: Tensor  #: bool [B, C], correlated (>= corr_threshold) with a lower-index map
+
+
+def _check_fmap(fmap: object) -> None:
+    if not isinstance(fmap, Tensor):
+        raise TypeError(f"fmap must be a torch.Tensor, got {type(fmap).__name__}")
+    if fmap.dim() != 4:
+        raise ValueError(f"fmap must have 4 dims [B, C, H, W], got shape {tuple(fmap.shape)}")
+    if fmap.numel() == 0:
+        raise ValueError(f"fmap must not be empty, got shape {tuple(fmap.shape)}")
+    if fmap.dtype not in _FLOAT_DTYPES:
+        raise TypeError(f"fmap must be float32, float16, bfloat16 or float64, got {fmap.dtype}")
+
+
+def _check_float_arg(value: object, name: str, lo: float, hi: float) -> float:
+    if isinstance(value, bool) or not isinstance(value, (int, float)):
+        raise TypeError(f"{name} must be a float, got {type(value).__name__}")
+    value = float(value)
+    if not lo <= value <= hi:  # also rejects NaN
+        raise ValueError(f"{name} must be in [{lo}, {hi}], got {value}")
+    return value
+
+
+def _feature_map_stats_impl(backend: str) -> Callable[..., tuple[Tensor, ...]]:
+    if backend in ("cpp", "cuda"):
+        return torch.ops.craft_ext.feature_map_stats.default
+    if backend == "triton":
+        return torch.ops.craft_ext.feature_map_stats_triton.default
+    return reference.feature_map_stats
+
+
+def feature_map_stats(
+    fmap: Tensor,
+    *,
+    sum_threshold: float = 0.02,
+    corr_threshold: float = 0.95,
+    return_corr: bool = False,
+    backend: str | None = None,
+) -> FeatureMapStats:
+    """Sums, emptiness, correlations and redundancy of the feature maps of each sample.
+
+    Diba & Khosravi (IASC 2023) prune filters whose output maps are empty or duplicate those
+    of another filter. For ``fmap`` [B, C, H, W], map i of sample b (x_bi, n = H*W values)::
+
+        sum[b, i]       = sum_p x_bip
+        empty[b, i]     = |sum[b, i]| <= sum_threshold                        (Eq. 2)
+        corr[b, i, k]   = Pearson(x_bi, x_bk)                                 (Eqs. 5-9)
+        redundant[b, i] = any_{k < i} corr[b, i, k] >= corr_threshold         (Eq. 10)
+
+    The paper correlates min-max normalised maps; Pearson correlation is unchanged by that, so
+    no normalised copy is made. Correlations come from the Gram matrix of the centred maps
+    (accurate with large map means). A constant map (min == max) has correlation 0 with every
+    other map and 1 with itself. Of a correlated pair, the lower index is kept (not redundant).
+
+    Args:
+        fmap: [B, C, H, W] float32/float16/bfloat16/float64, any strides.
+        sum_threshold: >= 0, the paper's emptiness threshold (compared in float32).
+        corr_threshold: in [-1, 1], the paper's correlation threshold.
+        return_corr: also return ``corr`` (float32 [B, C, C]); ``redundant`` is computed
+            either way.
+        backend: force a backend (see module docs). There is no CUDA C++ kernel for this op:
+            ``"auto"`` picks Triton on CUDA tensors.
+
+    Returns:
+        :class:`FeatureMapStats` ``(sum, corr, empty, redundant)`` on ``fmap``'s device;
+        float32 results are within 2e-4 (corr) of a float64 computation. Nothing is read back
+        to the host.
+    """
+    _check_fmap(fmap)
+    sum_threshold = _check_float_arg(sum_threshold, "sum_threshold", 0.0, math.inf)
+    corr_threshold = _check_float_arg(corr_threshold, "corr_threshold", -1.0, 1.0)
+    if not isinstance(return_corr, bool):
+        raise TypeError(f"return_corr must be a bool, got {type(return_corr).__name__}")
+    impl = _feature_map_stats_impl(resolve_backend(fmap.device, "feature_map_stats", backend))
+    with torch.no_grad():
+        total, corr, empty, redundant = impl(fmap, sum_threshold, corr_threshold, return_corr)
+    return FeatureMapStats(total, corr if return_corr else None, empty, redundant)
+
+
+# --------------------------------------------------------------------------------------------
 # Fake (meta) kernels: shapes, dtypes and devices of the outputs, for FakeTensor / compile.
 # --------------------------------------------------------------------------------------------
 
@@ -350,7 +442,21 @@ def _fake_reactivate(
     )
 
 
+def _fake_feature_map_stats(
+    fmap: Tensor, sum_threshold: float, corr_threshold: float, return_corr: bool
+) -> tuple[Tensor, Tensor, Tensor, Tensor]:
+    b, c = fmap.shape[0], fmap.shape[1]
+    corr_shape = (b, c, c) if return_corr else (b, 0, 0)
+    return (
+        fmap.new_empty((b, c), dtype=torch.float32),
+        fmap.new_empty(corr_shape, dtype=torch.float32),
+        fmap.new_empty((b, c), dtype=torch.bool),
+        fmap.new_empty((b, c), dtype=torch.bool),
+    )
+
+
 _FAKES: dict[str, Callable[..., object]] = {
+    "feature_map_stats": _fake_feature_map_stats,
     "filter_stats": _fake_filter_stats,
     "reactivate_": _fake_reactivate,
 }

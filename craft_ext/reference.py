@@ -16,7 +16,13 @@ import math
 import torch
 from torch import Tensor
 
-__all__ = ["filter_stats", "reactivate_", "craft_donors", "kaiming_std"]
+__all__ = [
+    "filter_stats",
+    "reactivate_",
+    "craft_donors",
+    "kaiming_std",
+    "feature_map_stats",
+]
 
 
 def _rows(weight: Tensor) -> Tensor:
@@ -161,3 +167,48 @@ def reactivate_(
 
     weight.copy_(torch.where(reactivated[:, None], new, rows).view(weight.shape))
     return inactive, reactivated, donor, reactivated.sum()
+
+
+def feature_map_stats(
+    fmap: Tensor, sum_threshold: float, corr_threshold: float, return_corr: bool
+) -> tuple[Tensor, Tensor, Tensor, Tensor]:
+    """Per-sample feature-map statistics of ``fmap`` [B, C, H, W] (Diba & Khosravi, IASC 2023).
+
+    With x_bi the H*W values of map i of sample b (n = H*W), m_bi their mean and
+    d_bi = x_bi - m_bi::
+
+        sum[b, i]       = sum_p x_bip                                           (float32 [B, C])
+        empty[b, i]     = |sum[b, i]| <= sum_threshold                          (Eq. 2, bool)
+        corr[b, i, k]   = <d_bi, d_bk> / sqrt(<d_bi, d_bi> <d_bk, d_bk>)        (Eqs. 5-9)
+        redundant[b, i] = any_{k < i} corr[b, i, k] >= corr_threshold           (Eq. 10, bool)
+
+    The paper correlates the min-max normalised maps; Pearson correlation is invariant to that
+    affine map, so the raw maps give the same value without a normalised copy. A *constant*
+    map (min == max) has correlation 0 with every other map; every diagonal entry is exactly 1.
+    Correlations are clamped to [-1, 1]. Everything is computed in float32 from centred maps
+    (accurate with large means); ``corr`` is [B, C, C] float32 when ``return_corr`` and an
+    empty [B, 0, 0] tensor otherwise (``redundant`` is computed either way).
+    """
+    b, c = fmap.shape[0], fmap.shape[1]
+    x = fmap.reshape(b, c, -1).to(torch.float32)
+    total = x.sum(dim=2)
+    mean = total / x.shape[2]
+    constant = x.amax(dim=2) == x.amin(dim=2)
+    d = x - mean[:, :, None]
+    gram = torch.bmm(d, d.transpose(1, 2))
+    ss = torch.diagonal(gram, dim1=1, dim2=2)
+    inv = torch.where(ss > 0, torch.rsqrt(ss), torch.zeros_like(ss))
+    corr = gram * inv[:, :, None] * inv[:, None, :]
+    corr = corr.clamp(-1.0, 1.0)
+    either_constant = constant[:, :, None] | constant[:, None, :]
+    corr = torch.where(either_constant, torch.zeros_like(corr), corr)
+    eye = torch.eye(c, dtype=torch.bool, device=fmap.device)
+    corr = torch.where(eye, torch.ones_like(corr), corr)
+    s_thr = torch.tensor(sum_threshold, dtype=torch.float32, device=fmap.device)
+    c_thr = torch.tensor(corr_threshold, dtype=torch.float32, device=fmap.device)
+    empty = total.abs() <= s_thr
+    lower = torch.ones(c, c, dtype=torch.bool, device=fmap.device).tril(diagonal=-1)
+    redundant = ((corr >= c_thr) & lower).any(dim=2)
+    if not return_corr:
+        corr = corr.new_empty((b, 0, 0))
+    return total, corr, empty, redundant

@@ -37,4 +37,11 @@ TORCH_LIBRARY(craft_ext, m) {
   m.def(
       "reactivate_(Tensor(a!) weight, Tensor(b!) used, Tensor order_key, Tensor fallback_u, "
       "Tensor? noise, float threshold, str method) -> (Tensor, Tensor, Tensor, Tensor)");
+  // Feature-map statistics of fmap [B, C, H, W] (Diba & Khosravi, IASC 2023): per-map sums
+  // float32 [B, C]; Pearson correlations of the maps of each sample, float32 [B, C, C] when
+  // return_corr (else an empty [B, 0, 0]); empty = |sum| <= sum_threshold and redundant = some
+  // k < i has corr[b, i, k] >= corr_threshold, both bool [B, C].
+  m.def(
+      "feature_map_stats(Tensor fmap, float sum_threshold, float corr_threshold, "
+      "bool return_corr) -> (Tensor, Tensor, Tensor, Tensor)");
 }
