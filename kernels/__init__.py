@@ -9,7 +9,7 @@ from __future__ import annotations
 
 import importlib
 
-_SUBMODULES = ("filter_stats", "reactivate")
+_SUBMODULES = ("filter_stats", "reactivate", "connection_scores")
 
 for _name in _SUBMODULES:
     try:
