@@ -53,6 +53,7 @@ def _connection_scores_kernel(
     O,
     Wo,
     M,
+    M_PER,
     K,
     sxn,
     sxc,
@@ -77,6 +78,7 @@ def _connection_scores_kernel(
 ):
     pid_o = tl.program_id(0)
     pid_k = tl.program_id(1)
+    pid_m = tl.program_id(2)
     offs_o = pid_o * BLOCK_O + tl.arange(0, BLOCK_O)
     offs_k = pid_k * BLOCK_K + tl.arange(0, BLOCK_K)
     mask_o = offs_o < O
@@ -86,7 +88,9 @@ def _connection_scores_kernel(
     tap_h = (tap // KW) * dil_h - pad_top
     tap_w = (tap % KW) * dil_w - pad_left
     total = tl.zeros((BLOCK_O, BLOCK_K), dtype=tl.float32)
-    for m in range(0, M):
+    m_start = pid_m * M_PER
+    m_end = tl.minimum(M, m_start + M_PER)
+    for m in range(m_start, m_end):
         oh = m // Wo
         ow = m % Wo
         ih = oh * stride_h + tap_h
@@ -126,7 +130,7 @@ def _connection_scores_kernel(
         if ABSOLUTE:
             r = tl.abs(r)
         total += r
-    out_off = offs_o.to(tl.int64)[:, None] * K + offs_k[None, :]
+    out_off = (pid_m * O + offs_o.to(tl.int64))[:, None] * K + offs_k[None, :]
     tl.store(out_ptr + out_off, total, mask=mask_o[:, None] & mask_k[None, :])
 
 
@@ -143,26 +147,41 @@ def connection_scores_triton(
     dil_h: int,
     dil_w: int,
     absolute: bool,
+    splits: int = 0,
 ) -> Tensor:
     """Scores ``[O, C*kh*kw]`` (float32) of the connections between ``x`` and ``y`` (see module
-    docs); the caller validates shapes (:func:`craft_ext.sparsify.connection_scores`)."""
+    docs); the caller validates shapes (:func:`craft_ext.sparsify.connection_scores`).
+
+    ``splits``: the output positions are cut into this many contiguous ranges, one program
+    per range and score tile, whose partial sums are added afterwards (0: enough ranges to
+    give every SM about four programs on CUDA, one range under the interpreter).
+    """
     n, c, h, w = x.shape
     o, ho, wo = y.shape[1], y.shape[2], y.shape[3]
     k = c * kh * kw
-    out = torch.empty((o, k), dtype=torch.float32, device=x.device)
     if x.device.type == "cuda":
         block_n, block_o, block_k, warps = 32, 64, 64, 4
     else:  # interpreter: small tiles keep numpy fast (tl.dot needs >= 16)
         block_n, block_o, block_k, warps = 16, 16, 16, 1
-    grid = (triton.cdiv(o, block_o), triton.cdiv(k, block_k))
-    sizes = (n, h, w, o, wo, ho * wo, k)
+    tiles = triton.cdiv(o, block_o) * triton.cdiv(k, block_k)
+    m = ho * wo
+    if splits <= 0:
+        splits = 1
+        if x.device.type == "cuda":
+            sms = torch.cuda.get_device_properties(x.device).multi_processor_count
+            splits = triton.cdiv(4 * sms, tiles)
+    per = triton.cdiv(m, max(1, min(splits, m)))
+    splits = triton.cdiv(m, per)
+    out = torch.empty((splits, o, k), dtype=torch.float32, device=x.device)
+    grid = (triton.cdiv(o, block_o), triton.cdiv(k, block_k), splits)
+    sizes = (n, h, w, o, wo, m, per, k)
     geometry = (stride_h, stride_w, pad_top, pad_left, dil_h, dil_w)
     meta = {"KH": kh, "KW": kw, "ABSOLUTE": absolute, "num_warps": warps}
     blocks = {"BLOCK_N": block_n, "BLOCK_O": block_o, "BLOCK_K": block_k}
     strides = (*x.stride(), *y.stride())
     kernel = wrap_triton(_connection_scores_kernel)
     kernel[grid](x, y, out, *sizes, *strides, *geometry, **meta, **blocks)
-    return out
+    return out.sum(0)
 
 
 @connection_scores_triton.register_fake

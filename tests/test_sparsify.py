@@ -129,6 +129,18 @@ def test_triton_kernel_matches_reference(case):
     torch.testing.assert_close(got.double(), want, rtol=0, atol=1e-5 * y[0, 0].numel())
 
 
+def test_triton_kernel_position_splits():
+    _require_triton()
+    mod, x, y = conv_case(2, 3, 3, 2, 1, 1, n=4, hw=(6, 5))
+    op = torch.ops.craft_ext.connection_scores_triton
+    whole = op(x.float(), y.float(), 3, 3, 2, 2, 1, 1, 1, 1, True)
+    for splits in (2, 5, 100):  # 100 > Ho*Wo: clamped to one position per range
+        parts = op(x.float(), y.float(), 3, 3, 2, 2, 1, 1, 1, 1, True, splits)
+        torch.testing.assert_close(parts, whole, rtol=0, atol=1e-5)
+    want = reference_conv(mod, x, y).reshape(3, -1)
+    torch.testing.assert_close(whole.double(), want, rtol=0, atol=1e-4)
+
+
 def test_triton_kernel_linear_and_float64():
     _require_triton()
     g = torch.Generator().manual_seed(2)
