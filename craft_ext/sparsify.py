@@ -67,7 +67,7 @@ __all__ = [
 
 _FLOAT_DTYPES = (torch.float16, torch.bfloat16, torch.float32, torch.float64)
 #: Default budget (elements) of one chunk's temporaries in the CPU path.
-DEFAULT_CHUNK_ELEMENTS = 1 << 22
+DEFAULT_CHUNK_ELEMENTS = 1 << 21
 
 
 # --------------------------------------------------------------------------------------------
@@ -139,10 +139,18 @@ def _check_pair(module: nn.Module, x: Tensor, y: Tensor) -> None:
         )
 
 
-def _centre(t: Tensor) -> Tensor:
-    """Centre ``t`` over dim 0 after shifting by sample 0, so constant columns become exact 0."""
-    t = t - t[:1]
-    return t - t.mean(0, keepdim=True)
+def _centred_copy(t: Tensor) -> Tensor:
+    """``t`` [N, F, P] as a contiguous [P, N, F] copy centred over the samples N, after a
+    shift by sample 0 so that values constant over the samples become exactly 0."""
+    t = t.permute(2, 0, 1).clone(memory_format=torch.contiguous_format)
+    t.sub_(t[:, :1].clone())
+    return t.sub_(t.mean(1, keepdim=True))
+
+
+def _inv_norm(t: Tensor) -> Tensor:
+    """1 / sqrt(sum over dim 1 of t^2), 0 where that sum is 0: [P, N, F] -> [P, F]."""
+    sq = (t * t).sum(1)
+    return torch.where(sq > 0, torch.rsqrt(torch.where(sq > 0, sq, 1.0)), 0.0)
 
 
 def _chunk_scores(a: Tensor, b: Tensor, absolute: bool) -> Tensor:
@@ -150,13 +158,11 @@ def _chunk_scores(a: Tensor, b: Tensor, absolute: bool) -> Tensor:
 
     ``a`` [N, O, P], ``b`` [N, K, P] in the compute dtype; returns [O, K].
     """
-    a, b = _centre(a), _centre(b)
-    cross = torch.bmm(a.permute(2, 1, 0), b.permute(2, 0, 1))  # [P, O, K]
-    var_a = (a * a).sum(0).transpose(0, 1)  # [P, O]
-    var_b = (b * b).sum(0).transpose(0, 1)  # [P, K]
-    denom = torch.sqrt(var_a.unsqueeze(2) * var_b.unsqueeze(1))
-    r = torch.where(denom > 0, cross / torch.where(denom > 0, denom, 1.0), 0.0).clamp(-1.0, 1.0)
-    return (r.abs() if absolute else r).sum(0)
+    a = _centred_copy(a)  # [P, N, O]
+    b = _centred_copy(b)  # [P, N, K]
+    r = torch.bmm(a.transpose(1, 2), b)  # [P, O, K] centred cross products
+    r.mul_(_inv_norm(a).unsqueeze(2)).mul_(_inv_norm(b).unsqueeze(1)).clamp_(-1.0, 1.0)
+    return (r.abs_() if absolute else r).sum(0)
 
 
 def _scores_torch(
@@ -174,8 +180,8 @@ def _scores_torch(
     k = c * kh * kw
     xp = F.pad(x.to(dtype), (pl, pr, pt, pb))
     y = y.to(dtype)
-    per_position = max(n * k, n * o, o * k) * 3
-    rows = max(1, min(ho, chunk_elements // max(1, per_position * wo)))
+    per_row = max(n * k, n * o, o * k) * wo  # elements of the largest temporary, per row
+    rows = max(1, min(ho, chunk_elements // per_row))
     total = torch.zeros((o, k), dtype=dtype, device=x.device)
     for r0 in range(0, ho, rows):
         r1 = min(ho, r0 + rows)

@@ -103,7 +103,9 @@ def test_linear_scores_match_corrcoef():
         y = lin(x)
         y[..., 4] = 0.5  # dead output neuron
     want = reference_linear(x, y)
+    x_before, y_before = x.clone(), y.clone()
     got = sp.connection_scores(lin, x, y)
+    assert torch.equal(x, x_before) and torch.equal(y, y_before)  # inputs untouched
     assert got.shape == lin.weight.shape
     torch.testing.assert_close(got, want, rtol=0, atol=1e-12)
     assert (got[:, 2] == 0).all() and (got[4] == 0).all()
