@@ -520,13 +520,18 @@ def layerwise_schedule(
     """
     if isinstance(layers, str) or not layers:
         raise ValueError("layers must be a non-empty sequence of submodule names (top-down)")
-    masks: dict[str, Tensor] = {}
-    for name in layers:
-        d = density[name] if isinstance(density, Mapping) else density
+    plan = []
+    for name in layers:  # validate everything before the first (costly) step
         module = _named_module(model, name)
         if not isinstance(module, (nn.Linear, nn.Conv2d)):
             raise TypeError(f"{name!r} is {type(module).__name__}, not nn.Linear or nn.Conv2d")
-        device = next(model.parameters()).device
+        if isinstance(density, Mapping) and name not in density:
+            raise KeyError(f"density has no entry for layer {name!r}")
+        d = _check_density(density[name] if isinstance(density, Mapping) else density)
+        plan.append((name, module, d))
+    masks: dict[str, Tensor] = {}
+    device = next(model.parameters()).device
+    for name, module, d in plan:
         x, y = collect_activations(model, module, data, max_samples=max_samples, device=device)
         scores = connection_scores(module, x, y, backend=backend)
         mask = dropping_mask(scores, d, lam, generator)

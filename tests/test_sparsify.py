@@ -7,6 +7,8 @@ import pytest
 import torch
 import torch.nn.functional as F
 from helpers import OPCHECK_TESTS
+from hypothesis import given, settings
+from hypothesis import strategies as st
 from torch import nn
 
 import craft_ext
@@ -262,6 +264,29 @@ def test_mask_signed_split_for_linear():
             assert int((mask[i] & sel & ~high).sum()) == budget - n_high
 
 
+@settings(max_examples=40, deadline=None)
+@given(
+    rows=st.integers(1, 4),
+    k=st.integers(1, 25),
+    density=st.floats(0.01, 1.0),
+    lam=st.floats(0.0, 1.0),
+    seed=st.integers(0, 2**16),
+)
+def test_mask_counts_property(rows, k, density, lam, seed):
+    g = torch.Generator().manual_seed(seed)
+    scores = torch.randint(-3, 4, (rows, k), generator=g).float()  # ties and zeros
+    mask = sp.dropping_mask(scores, density, lam, generator=g)
+    keep = min(k, max(1, round(density * k)))
+    assert (mask.sum(1) == keep).all()
+    # the kept share of each sign follows its size
+    pos = scores >= 0
+    n_pos = pos.sum(1)
+    kept_pos = (mask & pos).sum(1)
+    for i in range(rows):
+        want = min(max(round(keep * int(n_pos[i]) / k), keep - (k - int(n_pos[i]))), int(n_pos[i]))
+        assert int(kept_pos[i]) == want
+
+
 def test_mask_random_and_reproducible():
     scores = torch.rand(4, 50)
     a = sp.dropping_mask(scores, 0.2, generator=torch.Generator().manual_seed(0))
@@ -398,3 +423,8 @@ def test_schedule_errors():
         sp.layerwise_schedule(net, [], 0.5, None, toy_batches(1))
     with pytest.raises(TypeError, match="not nn.Linear"):
         sp.layerwise_schedule(net, ["1"], 0.5, None, toy_batches(1))
+    with pytest.raises(ValueError, match="density"):  # checked before any layer is touched
+        sp.layerwise_schedule(net, ["5", "0"], {"5": 0.5, "0": 1.5}, None, toy_batches(1))
+    with pytest.raises(KeyError, match="no entry"):
+        sp.layerwise_schedule(net, ["5", "0"], {"5": 0.5}, None, toy_batches(1))
+    assert not any(hasattr(m, "weight_mask") for m in net.modules())
