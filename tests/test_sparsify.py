@@ -266,13 +266,12 @@ def test_mask_signed_split_for_linear():
 
 @settings(max_examples=40, deadline=None)
 @given(
-    rows=st.integers(1, 4),
-    k=st.integers(1, 25),
-    density=st.floats(0.01, 1.0),
-    lam=st.floats(0.0, 1.0),
+    shape=st.tuples(st.integers(1, 4), st.integers(1, 25)),
+    fractions=st.tuples(st.floats(0.01, 1.0), st.floats(0.0, 1.0)),
     seed=st.integers(0, 2**16),
 )
-def test_mask_counts_property(rows, k, density, lam, seed):
+def test_mask_counts_property(shape, fractions, seed):
+    (rows, k), (density, lam) = shape, fractions
     g = torch.Generator().manual_seed(seed)
     scores = torch.randint(-3, 4, (rows, k), generator=g).float()  # ties and zeros
     mask = sp.dropping_mask(scores, density, lam, generator=g)
