@@ -174,7 +174,7 @@ def _scores_torch(
 ) -> Tensor:
     """Chunked path: x [N, C, H, W], y [N, O, Ho, Wo] -> [O, C*kh*kw] in the compute dtype."""
     kh, kw, sh, sw, pt, pb, pl, pr, dh, dw = geometry
-    dtype = torch.float64 if x.dtype == torch.float64 else torch.float32
+    dtype = torch.float64 if torch.float64 in (x.dtype, y.dtype) else torch.float32
     n, c = x.shape[:2]
     o, ho, wo = y.shape[1:]
     k = c * kh * kw
@@ -214,7 +214,8 @@ def connection_scores(
         backend: ``"reference"`` (chunked PyTorch, any device) or ``"triton"`` (the fused
             kernel: CUDA, or CPU with ``TRITON_INTERPRET=1``). Default / ``"auto"``: Triton on
             CUDA when available, the chunked PyTorch path otherwise.
-        chunk_elements: element budget of one chunk's temporaries in the PyTorch path.
+        chunk_elements: element budget of one chunk's largest temporary in the PyTorch path
+            (a chunk holds at least one output row).
 
     Returns:
         Tensor shaped like ``module.weight`` on the inputs' device: Linear scores are signed
@@ -253,7 +254,7 @@ def connection_scores(
             out = torch.ops.craft_ext.connection_scores_triton(
                 x, y, kh, kw, sh, sw, pt, pl, dh, dw, absolute
             )
-            if x.dtype == torch.float64:
+            if torch.float64 in (x.dtype, y.dtype):
                 out = out.double()
         else:
             out = _scores_torch(x, y, geometry, absolute, chunk_elements)
@@ -507,8 +508,18 @@ def layerwise_schedule(
     Using craft_ext's trainer: build a ``craft_ext.train.Trainer``, pass
     ``model=trainer.backbone``, ``retrain_fn=trainer_retrain_fn(trainer, steps)`` and any
     loader of its training images as ``data``; pruning masks keep the same parameter objects,
-    so the trainer's optimizers carry on. Without a trainer, :func:`make_retrain_fn` gives a
-    plain SGD loop.
+    so the trainer's optimizers (and its CRAFT reactivation) carry on::
+
+        trainer = Trainer(cfg)
+        data = [trainer._images(images) for images, _ in itertools.islice(loader, 4)]
+        masks = layerwise_schedule(
+            trainer.backbone, ["fc", "layer4.1.conv2", "layer4.1.conv1"], 0.5,
+            trainer_retrain_fn(trainer, steps=2000), data,
+        )
+        trainer.run()  # fine-tune the rest of the schedule with the masks attached
+        remove_masks(trainer.backbone)
+
+    Without a trainer, :func:`make_retrain_fn` gives a plain SGD loop.
 
     Args:
         density: fraction of connections kept, one float or ``{layer: density}``.

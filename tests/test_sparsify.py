@@ -427,3 +427,44 @@ def test_schedule_errors():
     with pytest.raises(KeyError, match="no entry"):
         sp.layerwise_schedule(net, ["5", "0"], {"5": 0.5}, None, toy_batches(1))
     assert not any(hasattr(m, "weight_mask") for m in net.modules())
+
+
+class _PlainSGD(torch.optim.SGD):
+    """Stand-in for craft_ext.ReactivatingSGD where this checkout lacks it (no reactivation)."""
+
+    def __init__(
+        self,
+        params,
+        *,
+        reactivate=(),
+        method="craft",
+        threshold=0.0,
+        interval=None,
+        seed=0,
+        **kwargs,
+    ):
+        super().__init__(params, **kwargs)
+
+
+def test_schedule_through_craft_trainer(tmp_path, monkeypatch):
+    import itertools
+
+    from craft_ext.train import Trainer, parse_config
+
+    if not hasattr(craft_ext, "ReactivatingSGD"):
+        monkeypatch.setattr(craft_ext, "ReactivatingSGD", _PlainSGD, raising=False)
+
+    argv = ["--data", "toy:6:4", "--image-size", "16", "--width", "0.25", "--embedding-size"]
+    argv += ["16", "--batch-size", "8", "--workers", "0", "--no-progress", "--val", "toy"]
+    trainer = Trainer(parse_config([*argv, "--output", str(tmp_path)]))
+    data = [trainer._images(images) for images, _ in itertools.islice(trainer._loader(), 2)]
+    step0 = trainer.step
+    masks = sp.layerwise_schedule(
+        trainer.backbone, ["fc", "layer4.1.conv2"], 0.5, sp.trainer_retrain_fn(trainer, 1), data
+    )
+    assert trainer.step == step0 + 2  # one train_step per layer, with the masks attached
+    trainer.backbone(data[0])
+    for name, mask in masks.items():
+        w = trainer.backbone.get_submodule(name).weight
+        assert (w[~mask] == 0).all()
+        assert mask.sum() == round(0.5 * mask[0].numel()) * mask.shape[0]
