@@ -159,6 +159,19 @@ def test_triton_kernel_linear_and_float64():
     assert (got[:, 5] == 0).all()
 
 
+@pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16])
+@pytest.mark.parametrize("backend", ["reference", "triton"])
+def test_half_precision_activations(dtype, backend):
+    if backend == "triton":
+        _require_triton()
+    mod, x, y = conv_case(2, 3, 3, 1, 1, 1, n=5, hw=(4, 4))
+    x, y = x.to(dtype), y.to(dtype)
+    got = sp.connection_scores(mod, x, y, backend=backend)
+    assert got.dtype == torch.float32
+    want = reference_conv(mod, x, y)  # float64 of the rounded activations
+    torch.testing.assert_close(got.double(), want, rtol=0, atol=1e-4)
+
+
 def test_triton_op_fake_and_schema():
     _require_triton()
     x = torch.randn(3, 2, 4, 4)
