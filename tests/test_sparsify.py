@@ -470,7 +470,7 @@ def test_schedule_through_craft_trainer(tmp_path, monkeypatch):
     argv = ["--data", "toy:6:4", "--image-size", "16", "--width", "0.25", "--embedding-size"]
     argv += ["16", "--batch-size", "8", "--workers", "0", "--no-progress", "--val", "toy"]
     trainer = Trainer(parse_config([*argv, "--output", str(tmp_path)]))
-    data = [trainer._images(images) for images, _ in itertools.islice(trainer._loader(), 2)]
+    data = [trainer._images(images) for images, _ in itertools.islice(trainer._loader(), 1)]
     step0 = trainer.step
     masks = sp.layerwise_schedule(
         trainer.backbone, ["fc", "layer4.1.conv2"], 0.5, sp.trainer_retrain_fn(trainer, 1), data
