@@ -567,8 +567,9 @@ def make_retrain_fn(
     """A default retraining loop for :func:`layerwise_schedule`.
 
     The returned ``retrain(model, layer)`` trains ``model`` (images -> embeddings
-    ``[N, embedding_size]``) for ``steps`` SGD steps (momentum, weight decay) over
-    ``data`` (``(images, labels)`` batches, cycled) with a
+    ``[N, embedding_size]``) for ``steps`` SGD steps (momentum, weight decay; a fresh optimizer
+    per call) over ``data`` (re-iterable, e.g. a list or DataLoader, of ``(images, labels)``
+    batches, cycled) with a
     :class:`~craft_ext.heads.NormalizedFC` head and
     :class:`~craft_ext.losses.CombinedMarginLoss` ``(s, m1, m2, m3) = margin`` (CosFace by
     default). The head persists across calls. Returns the last loss (a tensor, not read back).
@@ -607,7 +608,8 @@ def make_retrain_fn(
 
 def trainer_retrain_fn(trainer: Any, steps: int) -> RetrainFn:
     """Retrain through a ``craft_ext.train.Trainer``: ``steps`` calls of its ``train_step``
-    over its own training loader (its optimizers, schedulers, head and AMP settings).
+    over its own training loader (its optimizers, schedulers, head and AMP settings). These
+    steps advance the trainer's step counter and learning-rate schedule like any other.
 
     Use with ``layerwise_schedule(trainer.backbone, layers, density, trainer_retrain_fn(
     trainer, steps), data)``.
