@@ -9,7 +9,7 @@ from __future__ import annotations
 
 import importlib
 
-_SUBMODULES = ("filter_stats", "reactivate", "feature_map_stats")
+_SUBMODULES = ("filter_stats", "reactivate", "feature_map_stats", "connection_scores")
 
 for _name in _SUBMODULES:
     importlib.import_module(f"{__name__}.{_name}")
