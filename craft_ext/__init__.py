@@ -36,6 +36,21 @@ from .reactivator import ReactivationEvent, Reactivator
 
 __version__ = "0.1.0"
 
+# Subpackages load on first use (``craft_ext.models``, ...), keeping ``import craft_ext`` light.
+_SUBMODULES = frozenset(
+    {"analysis", "checkpoint", "data", "eval", "heads", "losses", "models", "pruning",
+     "sparsify", "train"}
+)  # fmt: skip
+
+
+def __getattr__(name: str) -> object:
+    if name in _SUBMODULES:
+        import importlib
+
+        return importlib.import_module(f"{__name__}.{name}")
+    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
+
+
 __all__ = [
     "BACKENDS",
     "METHODS",
