@@ -138,7 +138,8 @@ def resolve_backend(device: torch.device, op: str, backend: str | None = None) -
     _check_backend_name(requested, "backend")
     usable = available_backends(device, op)
     if requested == "auto":
-        return usable[0]
+        # interpreted Triton on CPU (TRITON_INTERPRET=1) is for testing, never chosen by auto
+        return next(b for b in usable if not (b == "triton" and device.type == "cpu"))
     if requested not in usable:
         why = {
             "cpp": "needs a CPU tensor and the compiled extension "
