@@ -141,6 +141,7 @@ def test_cuda_step_no_sync_and_graph_capture():
     finally:
         torch.cuda.set_sync_debug_mode("default")
     graph = torch.cuda.CUDAGraph()
+    opt.reactivator.register_cuda_graph(graph)  # the reactivation generator
     side = torch.cuda.Stream()
     side.wait_stream(torch.cuda.current_stream())
     with torch.cuda.stream(side), torch.cuda.graph(graph):

@@ -359,6 +359,22 @@ class Reactivator:
             for (name, method), ps in groups.items()
         ]
 
+    @property
+    def generators(self) -> list[torch.Generator]:
+        """The reactivation generators, one per device of the watched weights."""
+        return list(self._generators.values())
+
+    def register_cuda_graph(self, graph: torch.cuda.CUDAGraph) -> None:
+        """Let ``graph`` capture reactivations: registers the CUDA generators with it.
+
+        Call before capture (``graph.register_generator_state`` for each CUDA generator);
+        without it, capturing the random draws of a reactivation fails. Each replay then
+        draws fresh numbers, as an uncaptured step would.
+        """
+        for gen in self._generators.values():
+            if gen.device.type == "cuda":
+                graph.register_generator_state(gen)
+
     # -- events -----------------------------------------------------------------------------
 
     @property

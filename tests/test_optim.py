@@ -197,7 +197,7 @@ def test_adam_state_rows_reset_through_attach():
 def test_events_content(method):
     w = nn.Parameter(torch.randn(N_FILTERS, 5, generator=torch.Generator().manual_seed(0)))
     r = craft_ext.Reactivator(w, method=method, seed=4)
-    assert r.names == ["target0"]
+    assert r.names == ["target0"] and [g.device.type for g in r.generators] == ["cpu"]
     r.reactivate()  # nothing inactive: no event listed
     plant(w, [3, 7])
     (res,) = r.reactivate()
@@ -370,6 +370,7 @@ def test_cuda_step_no_sync_and_graph_capture():
         torch.cuda.set_sync_debug_mode(0)
     assert opt.total_reactivated == 1
     graph = torch.cuda.CUDAGraph()
+    opt.reactivator.register_cuda_graph(graph)
     with torch.cuda.graph(graph):  # a whole training step, reactivation included
         opt.zero_grad(set_to_none=False)
         model(x).square().mean().backward()
