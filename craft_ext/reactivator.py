@@ -61,8 +61,9 @@ class ReactivationEvent(NamedTuple):
 
 
 class _Pending(NamedTuple):
-    """k events of one weight still on the device: ``reactivated`` bool [k, N] and ``donor``
-    int64 [k, N]; ``seq`` (global order) and ``steps`` have k entries each."""
+    """k events of one weight still on the device: ``reactivated`` bool and ``donor`` int64,
+    [N] for one event, [k, N] once stacked; ``seq`` (global order) and ``steps`` have k
+    entries each."""
 
     seq: tuple[int, ...]
     steps: tuple[int, ...]
@@ -232,6 +233,7 @@ class Reactivator:
             gen = torch.Generator(device=torch.device(dev))
             gen.manual_seed(int(seed))  # type: ignore[arg-type]
             self._generators[dev] = gen
+        self._weight_gens = [self._generators[str(w.device)] for w in self.weights]
         self.steps = 0  #: optimizer steps seen (host counter: no sync)
         self.calls = 0  #: reactivations run
         self.interval: int | None = None
@@ -303,10 +305,7 @@ class Reactivator:
         state tensors shaped like the weight, and an event is recorded on the device.
         Returns one :class:`craft_ext.Reactivation` per watched weight (on the device).
         """
-        out = []
-        with torch.no_grad():
-            for i in range(len(self.weights)):
-                out.append(self._reactivate_one(i))
+        out = [self._reactivate_one(i) for i in range(len(self.weights))]
         self.calls += 1
         return out
 
@@ -320,7 +319,7 @@ class Reactivator:
             list(state.values()) if state else [],
             method=self.method,
             threshold=self.threshold,
-            generator=self._generators[str(w.device)],
+            generator=self._weight_gens[i],
         )
         if not _capturing(w):
             self._record(self.names[i], res)
@@ -335,8 +334,8 @@ class Reactivator:
                 (self.steps,),
                 name,
                 self.method,
-                res.reactivated.unsqueeze(0),
-                res.donor.unsqueeze(0),
+                res.reactivated,
+                res.donor,
             )
         )
         if len(self._pending) > _COMPACT_AT:
@@ -353,8 +352,8 @@ class Reactivator:
                 tuple(s for p in ps for s in p.steps),
                 name,
                 method,
-                torch.cat([p.reactivated for p in ps]),
-                torch.cat([p.donor for p in ps]),
+                torch.cat([p.reactivated.view(len(p.seq), -1) for p in ps]),
+                torch.cat([p.donor.view(len(p.seq), -1) for p in ps]),
             )
             for (name, method), ps in groups.items()
         ]
@@ -403,7 +402,8 @@ class Reactivator:
         found: list[tuple[int, ReactivationEvent]] = []
         start = 0
         for p in pending:
-            k, n = p.reactivated.shape
+            k = len(p.seq)
+            n = p.reactivated.numel() // k
             rows = masks[start : start + k * n].view(k, n)
             donor = donors[start : start + k * n].view(k, n)
             start += k * n
