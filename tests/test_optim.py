@@ -273,8 +273,7 @@ def test_resume_is_bit_identical(method, compact_at, monkeypatch):
     del model_b, opt_b
     buf.seek(0)
     ckpt = torch.load(buf, weights_only=True)
-    model_c, opt_c = build("craft" if method == "random" else "random")  # config differs ...
-    opt_c.reactivator.method = method  # ... only in what the constructor is told again
+    model_c, opt_c = build(method)  # a fresh model and optimizer, as in a new process
     model_c.load_state_dict(ckpt["model"])
     opt_c.load_state_dict(ckpt["opt"])
     train(model_c, opt_c, k, k, kill=True)
@@ -300,6 +299,10 @@ def test_load_state_dict_checks_shape():
         other.load_state_dict(state)
     with pytest.raises(ValueError, match="Reactivator state_dict"):
         other.load_state_dict({"used": []})
+    plain = opt.state_dict()
+    del plain["craft_reactivator"]
+    with pytest.warns(UserWarning, match="craft_reactivator"):
+        opt.load_state_dict(plain)
 
 
 # ---------------------------------------------------------------------------------------------
