@@ -303,7 +303,9 @@ class Reactivator:
         For each weight: :func:`craft_ext.reactivate_` with this object's ``used`` mask and
         generator, then the rows of reactivated filters are zeroed in the attached optimizer's
         state tensors shaped like the weight, and an event is recorded on the device.
-        Returns one :class:`craft_ext.Reactivation` per watched weight (on the device).
+        Returns one :class:`craft_ext.Reactivation` per watched weight (on the device); its
+        ``reactivated`` and ``donor`` tensors are held (not copied) by the pending event until
+        it is read, so do not modify them in place.
         """
         out = [self._reactivate_one(i) for i in range(len(self.weights))]
         self.calls += 1
