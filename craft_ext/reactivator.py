@@ -463,16 +463,17 @@ class Reactivator:
                     f"has {w.shape[0]} filters"
                 )
         gens = dict(state["generators"])
-        if set(gens) != set(self._generators):
+        if [d.split(":")[0] for d in gens] != [d.split(":")[0] for d in self._generators]:
             raise ValueError(
-                f"state has generators for devices {sorted(gens)}, expected "
-                f"{sorted(self._generators)}"
+                f"state has generators for devices {list(gens)}, expected "
+                f"{list(self._generators)} (device indices may differ)"
             )
         for i, w in enumerate(self.weights):
             self._used[i].copy_(used[i].to(w.device, torch.bool))
             self._total[i].copy_(total[i].to(w.device, torch.int64))
-        for dev, g in self._generators.items():
-            g.set_state(gens[dev].cpu())
+        # matched by position: a checkpoint of cuda:0 resumes on cuda:1 (another DDP rank)
+        for g, saved in zip(self._generators.values(), gens.values(), strict=True):
+            g.set_state(saved.cpu())
         self.steps = int(state["steps"])
         self.calls = int(state["calls"])
         self._pending = []
