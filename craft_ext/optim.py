@@ -39,6 +39,8 @@ class ReactivatingSGD(torch.optim.SGD):
     ``state_dict()`` / ``load_state_dict()`` also carry the donor ``used`` masks, generator
     states, step counters and pending events, so a resumed run is bit-identical. A step never
     synchronises with the host; :attr:`events` / :meth:`drain_events` copy events on reading.
+    To capture steps in a CUDA graph, call ``opt.reactivator.register_cuda_graph(graph)``
+    before capture.
     """
 
     def __init__(

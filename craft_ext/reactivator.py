@@ -61,8 +61,9 @@ class ReactivationEvent(NamedTuple):
 
 
 class _Pending(NamedTuple):
-    """k events of one weight still on the device: ``reactivated`` bool [k, N] and ``donor``
-    int64 [k, N]; ``seq`` (global order) and ``steps`` have k entries each."""
+    """k events of one weight still on the device: ``reactivated`` bool and ``donor`` int64,
+    [N] for one event, [k, N] once stacked; ``seq`` (global order) and ``steps`` have k
+    entries each."""
 
     seq: tuple[int, ...]
     steps: tuple[int, ...]
@@ -232,6 +233,7 @@ class Reactivator:
             gen = torch.Generator(device=torch.device(dev))
             gen.manual_seed(int(seed))  # type: ignore[arg-type]
             self._generators[dev] = gen
+        self._weight_gens = [self._generators[str(w.device)] for w in self.weights]
         self.steps = 0  #: optimizer steps seen (host counter: no sync)
         self.calls = 0  #: reactivations run
         self.interval: int | None = None
@@ -301,12 +303,11 @@ class Reactivator:
         For each weight: :func:`craft_ext.reactivate_` with this object's ``used`` mask and
         generator, then the rows of reactivated filters are zeroed in the attached optimizer's
         state tensors shaped like the weight, and an event is recorded on the device.
-        Returns one :class:`craft_ext.Reactivation` per watched weight (on the device).
+        Returns one :class:`craft_ext.Reactivation` per watched weight (on the device); its
+        ``reactivated`` and ``donor`` tensors are held (not copied) by the pending event until
+        it is read, so do not modify them in place.
         """
-        out = []
-        with torch.no_grad():
-            for i in range(len(self.weights)):
-                out.append(self._reactivate_one(i))
+        out = [self._reactivate_one(i) for i in range(len(self.weights))]
         self.calls += 1
         return out
 
@@ -320,7 +321,7 @@ class Reactivator:
             list(state.values()) if state else [],
             method=self.method,
             threshold=self.threshold,
-            generator=self._generators[str(w.device)],
+            generator=self._weight_gens[i],
         )
         if not _capturing(w):
             self._record(self.names[i], res)
@@ -335,8 +336,8 @@ class Reactivator:
                 (self.steps,),
                 name,
                 self.method,
-                res.reactivated.unsqueeze(0),
-                res.donor.unsqueeze(0),
+                res.reactivated,
+                res.donor,
             )
         )
         if len(self._pending) > _COMPACT_AT:
@@ -353,11 +354,27 @@ class Reactivator:
                 tuple(s for p in ps for s in p.steps),
                 name,
                 method,
-                torch.cat([p.reactivated for p in ps]),
-                torch.cat([p.donor for p in ps]),
+                torch.cat([p.reactivated.view(len(p.seq), -1) for p in ps]),
+                torch.cat([p.donor.view(len(p.seq), -1) for p in ps]),
             )
             for (name, method), ps in groups.items()
         ]
+
+    @property
+    def generators(self) -> list[torch.Generator]:
+        """The reactivation generators, one per device of the watched weights."""
+        return list(self._generators.values())
+
+    def register_cuda_graph(self, graph: torch.cuda.CUDAGraph) -> None:
+        """Let ``graph`` capture reactivations: registers the CUDA generators with it.
+
+        Call before capture (``graph.register_generator_state`` for each CUDA generator);
+        without it, capturing the random draws of a reactivation fails. Each replay then
+        draws fresh numbers, as an uncaptured step would.
+        """
+        for gen in self._generators.values():
+            if gen.device.type == "cuda":
+                graph.register_generator_state(gen)
 
     # -- events -----------------------------------------------------------------------------
 
@@ -387,7 +404,8 @@ class Reactivator:
         found: list[tuple[int, ReactivationEvent]] = []
         start = 0
         for p in pending:
-            k, n = p.reactivated.shape
+            k = len(p.seq)
+            n = p.reactivated.numel() // k
             rows = masks[start : start + k * n].view(k, n)
             donor = donors[start : start + k * n].view(k, n)
             start += k * n
@@ -445,16 +463,17 @@ class Reactivator:
                     f"has {w.shape[0]} filters"
                 )
         gens = dict(state["generators"])
-        if set(gens) != set(self._generators):
+        if [d.split(":")[0] for d in gens] != [d.split(":")[0] for d in self._generators]:
             raise ValueError(
-                f"state has generators for devices {sorted(gens)}, expected "
-                f"{sorted(self._generators)}"
+                f"state has generators for devices {list(gens)}, expected "
+                f"{list(self._generators)} (device indices may differ)"
             )
         for i, w in enumerate(self.weights):
             self._used[i].copy_(used[i].to(w.device, torch.bool))
             self._total[i].copy_(total[i].to(w.device, torch.int64))
-        for dev, g in self._generators.items():
-            g.set_state(gens[dev].cpu())
+        # matched by position: a checkpoint of cuda:0 resumes on cuda:1 (another DDP rank)
+        for g, saved in zip(self._generators.values(), gens.values(), strict=True):
+            g.set_state(saved.cpu())
         self.steps = int(state["steps"])
         self.calls = int(state["calls"])
         self._pending = []

@@ -197,7 +197,7 @@ def test_adam_state_rows_reset_through_attach():
 def test_events_content(method):
     w = nn.Parameter(torch.randn(N_FILTERS, 5, generator=torch.Generator().manual_seed(0)))
     r = craft_ext.Reactivator(w, method=method, seed=4)
-    assert r.names == ["target0"]
+    assert r.names == ["target0"] and [g.device.type for g in r.generators] == ["cpu"]
     r.reactivate()  # nothing inactive: no event listed
     plant(w, [3, 7])
     (res,) = r.reactivate()
@@ -273,8 +273,7 @@ def test_resume_is_bit_identical(method, compact_at, monkeypatch):
     del model_b, opt_b
     buf.seek(0)
     ckpt = torch.load(buf, weights_only=True)
-    model_c, opt_c = build("craft" if method == "random" else "random")  # config differs ...
-    opt_c.reactivator.method = method  # ... only in what the constructor is told again
+    model_c, opt_c = build(method)  # a fresh model and optimizer, as in a new process
     model_c.load_state_dict(ckpt["model"])
     opt_c.load_state_dict(ckpt["opt"])
     train(model_c, opt_c, k, k, kill=True)
@@ -300,6 +299,10 @@ def test_load_state_dict_checks_shape():
         other.load_state_dict(state)
     with pytest.raises(ValueError, match="Reactivator state_dict"):
         other.load_state_dict({"used": []})
+    plain = opt.state_dict()
+    del plain["craft_reactivator"]
+    with pytest.warns(UserWarning, match="craft_reactivator"):
+        opt.load_state_dict(plain)
 
 
 # ---------------------------------------------------------------------------------------------
@@ -370,6 +373,7 @@ def test_cuda_step_no_sync_and_graph_capture():
         torch.cuda.set_sync_debug_mode(0)
     assert opt.total_reactivated == 1
     graph = torch.cuda.CUDAGraph()
+    opt.reactivator.register_cuda_graph(graph)
     with torch.cuda.graph(graph):  # a whole training step, reactivation included
         opt.zero_grad(set_to_none=False)
         model(x).square().mean().backward()
