@@ -2,7 +2,7 @@
 // craft_ext/reference.py::reactivate_ and craft_donors).
 //
 // CRAFT filter reactivation (Bhatta et al., arXiv 2312.00072, sec. 4.3) of weight [N, ...] in
-// place. With per-filter max_abs / l1 / mean / std (row_stats.h) and t = float32(threshold):
+// place. With per-filter float32 max_abs / l1 / mean / std and t = float32(threshold):
 //   inactive[i] = max_abs[i] <= t;   active[i] = !inactive[i] && isfinite(l1[i]).
 // * craft: inactive filters, ordered by (order_key, index), take the unspent active filters
 //   (active & !used) ranked by (-l1, index), one each; the rest take the spent active filter
@@ -14,8 +14,7 @@
 // craft and scaled_gaussian change nothing without an active filter. Returns (inactive bool [N],
 // reactivated bool [N], donor int64 [N] (-1 where none), count int64 []).
 //
-// The pairing is O(N log N) serial work on [N] vectors; statistics and writes are parallel over
-// filters. Filters that are dense blocks are written through a strided view of `weight`; other
+// The pairing is O(N log N) serial work on [N] vectors; writes are parallel over filters. Filters that are dense blocks are written through a strided view of `weight`; other
 // layouts are computed on a contiguous copy that is copied back.
 
 #include <ATen/ATen.h>
@@ -34,7 +33,6 @@
 #include <vector>
 
 #include "common.h"
-#include "cpu/row_stats.h"
 
 namespace craft_ext {
 namespace {
@@ -169,12 +167,17 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> reactivate_cpu(
   }
   const int64_t row_stride = n > 1 ? rows.stride(0) : k;
 
-  std::vector<float> max_abs(n), l1(n), mean(n), stdev(n);
-  AT_DISPATCH_FLOATING_TYPES_AND2(
-      at::kHalf, at::kBFloat16, weight.scalar_type(), "craft_ext::reactivate_ stats", [&] {
-        cpu::rows_stats(rows.const_data_ptr<scalar_t>(), row_stride, n, k, max_abs.data(),
-                        l1.data(), mean.data(), stdev.data());
-      });
+  // Statistics with the reference's own float32 ATen reductions on the same logical-order
+  // rows. The donor ranking by l1 decides the pairing, and near-ties flip under any other
+  // summation order (about 1 in 100 random 512-filter layers pairs one filter differently with
+  // a correctly rounded double sum), so bit-identical pairing needs bit-identical l1. max_abs is
+  // exact either way; mean / std are only needed by scaled_gaussian.
+  const at::Tensor x32 = weight.reshape({n, k}).to(at::kFloat);
+  const at::Tensor abs32 = at::abs(x32);
+  const at::Tensor max_abs_t = abs32.amax(1).contiguous();
+  const at::Tensor l1_t = abs32.sum(1).contiguous();
+  const float* max_abs = max_abs_t.const_data_ptr<float>();
+  const std::vector<float> l1(l1_t.const_data_ptr<float>(), l1_t.const_data_ptr<float>() + n);
 
   const float thr = static_cast<float>(threshold);
   std::vector<uint8_t> inactive(n), active(n), reactivated(n), used_v(n), newly_used;
@@ -209,8 +212,11 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> reactivate_cpu(
         source = i;
       }
     }
-    mean_s = mean[source];
-    std_s = stdev[source];
+    // torch.std_mean(x32, dim=1, correction=0) as in the reference, read at the source row.
+    const auto std_mean = at::std_mean(x32, at::IntArrayRef{1}, /*correction=*/at::Scalar(0),
+                                       /*keepdim=*/false);
+    mean_s = std::get<1>(std_mean).contiguous().const_data_ptr<float>()[source];
+    std_s = std::get<0>(std_mean).contiguous().const_data_ptr<float>()[source];
     for (int64_t i = 0; i < n; ++i) {
       reactivated[i] = inactive[i] && any_active;
       donor[i] = reactivated[i] ? source : -1;
