@@ -14,8 +14,10 @@
 // craft and scaled_gaussian change nothing without an active filter. Returns (inactive bool [N],
 // reactivated bool [N], donor int64 [N] (-1 where none), count int64 []).
 //
-// The pairing is O(N log N) serial work on [N] vectors; writes are parallel over filters. Filters that are dense blocks are written through a strided view of `weight`; other
-// layouts are computed on a contiguous copy that is copied back.
+// The statistics are the reference's own ATen reductions (see reactivate_cpu), the pairing is
+// O(N log N) serial work on [N] vectors, and only the reactivated filters are written, in
+// parallel. Filters that are dense blocks are written through a strided view of `weight`;
+// other layouts are computed on a contiguous copy that is copied back.
 
 #include <ATen/ATen.h>
 #include <ATen/Dispatch.h>
@@ -88,11 +90,15 @@ void craft_donors(const std::vector<uint8_t>& inactive, const std::vector<uint8_
     const int64_t i = target_order[p];
     int64_t d = p < n_cand ? donor_order[p] : -1;
     if (d < 0) {
-      const float prod = fallback_u[i] * static_cast<float>(n_spent);
-      const float fl = std::floor(prod);
-      // floor(u * |S|) as int64; the clamp to [0, n) only guards inputs outside [0, 1).
-      int64_t r = std::isnan(fl) || fl < 0.0f ? 0 : fl >= static_cast<float>(n) ? n - 1
-                                                                               : static_cast<int64_t>(fl);
+      // r = min(floor(u * |S|), |S| - 1), the product in float32. Clamping to [0, n) first
+      // only guards fallback_u outside [0, 1) (NaN included) against out-of-range reads.
+      const float fl = std::floor(fallback_u[i] * static_cast<float>(n_spent));
+      int64_t r = 0;
+      if (fl >= static_cast<float>(n)) {
+        r = n - 1;
+      } else if (fl > 0.0f) {
+        r = static_cast<int64_t>(fl);
+      }
       r = std::min(r, std::max<int64_t>(n_spent - 1, 0));
       d = spent_list[r];
     }
