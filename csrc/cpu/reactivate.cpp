@@ -133,6 +133,37 @@ void write_rows(scalar_t* rows, int64_t row_stride, int64_t n, int64_t k, Method
   });
 }
 
+// Float32 max |x| and sum |x| of every filter, bit-identical to reference.filter_stats: the
+// same ATen ops (to float32, abs, amax, sum over dim 1) on the same logical-order rows. The
+// donor ranking by l1 decides the pairing, and near-ties flip under any other summation order
+// (about 1 in 100 random 512-filter layers pairs a filter differently with a correctly rounded
+// double sum), so bit-identical pairing needs bit-identical l1.
+//
+// Blocks of filters are reduced in parallel, each from a cache-sized float32 buffer. Inside
+// at::parallel_for ATen reduces serially, one full row at a time, which is how it reduces the
+// rows of a multi-row [N, K] matrix too, so every row's sum is rounded as in the reference.
+// A single filter (N = 1) is reduced in one call, as the reference does (ATen may then split
+// the row across threads).
+void reference_max_abs_l1(const at::Tensor& weight, int64_t n, int64_t k, float* max_abs,
+                          float* l1) {
+  const int64_t block = std::max<int64_t>(1, (int64_t{1} << 15) / k);  // ~128 KiB of float32
+  auto reduce = [&](int64_t begin, int64_t end) {
+    for (int64_t b = begin; b < end; b += block) {
+      const int64_t m = std::min(block, end - b);
+      const at::Tensor a = at::abs(weight.narrow(0, b, m).reshape({m, k}).to(at::kFloat));
+      const at::Tensor block_max = a.amax(1).contiguous();
+      const at::Tensor block_l1 = a.sum(1).contiguous();
+      std::copy_n(block_max.const_data_ptr<float>(), m, max_abs + b);
+      std::copy_n(block_l1.const_data_ptr<float>(), m, l1 + b);
+    }
+  };
+  if (n == 1) {
+    reduce(0, 1);
+    return;
+  }
+  at::parallel_for(0, n, block, reduce);
+}
+
 std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> reactivate_cpu(
     const at::Tensor& weight, const at::Tensor& used, const at::Tensor& order_key,
     const at::Tensor& fallback_u, const std::optional<at::Tensor>& noise, double threshold,
@@ -173,17 +204,8 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> reactivate_cpu(
   }
   const int64_t row_stride = n > 1 ? rows.stride(0) : k;
 
-  // Statistics with the reference's own float32 ATen reductions on the same logical-order
-  // rows. The donor ranking by l1 decides the pairing, and near-ties flip under any other
-  // summation order (about 1 in 100 random 512-filter layers pairs one filter differently with
-  // a correctly rounded double sum), so bit-identical pairing needs bit-identical l1. max_abs is
-  // exact either way; mean / std are only needed by scaled_gaussian.
-  const at::Tensor x32 = weight.reshape({n, k}).to(at::kFloat);
-  const at::Tensor abs32 = at::abs(x32);
-  const at::Tensor max_abs_t = abs32.amax(1).contiguous();
-  const at::Tensor l1_t = abs32.sum(1).contiguous();
-  const float* max_abs = max_abs_t.const_data_ptr<float>();
-  const std::vector<float> l1(l1_t.const_data_ptr<float>(), l1_t.const_data_ptr<float>() + n);
+  std::vector<float> max_abs(n), l1(n);
+  reference_max_abs_l1(weight, n, k, max_abs.data(), l1.data());
 
   const float thr = static_cast<float>(threshold);
   std::vector<uint8_t> inactive(n), active(n), reactivated(n), used_v(n), newly_used;
@@ -219,6 +241,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> reactivate_cpu(
       }
     }
     // torch.std_mean(x32, dim=1, correction=0) as in the reference, read at the source row.
+    const at::Tensor x32 = weight.reshape({n, k}).to(at::kFloat);
     const auto std_mean = at::std_mean(x32, at::IntArrayRef{1}, /*correction=*/at::Scalar(0),
                                        /*keepdim=*/false);
     mean_s = std::get<1>(std_mean).contiguous().const_data_ptr<float>()[source];
