@@ -33,11 +33,11 @@ namespace {
 //   max_abs = max_k |x_k|      l1 = sum_k |x_k|      mean = sum_k x_k / K
 //   std     = sqrt(sum_k (x_k - mean)^2 / K)          (correction 0)
 //
-// with double accumulators. The row is processed in cache-sized blocks: a block is read once
-// for max / sums and its block mean, then re-read from L1 cache for its centred sum of squares,
-// and the blocks' (count, mean, M2) are merged with Chan et al.'s parallel update. No
-// sum-of-squares cancellation, so float32 results are within an output rounding of the
-// float64 truth even when |mean| >> std. Results are rounded once to float32.
+// with double accumulators, reading every element once. The row is processed in blocks of
+// kStatsBlock elements: each block's M2 comes from sums of d = x - c shifted by one of its own
+// elements c (cancellation bounded by the block length, not by |mean| / std), and the blocks'
+// (count, mean, M2) are merged with Chan et al.'s parallel update. So float32 results are within
+// an output rounding of the float64 truth even when |mean| >> std; they are rounded once.
 //
 // NaN semantics (as craft_ext/reference.py): a NaN anywhere in a row makes all four results
 // NaN; an Inf makes max_abs and l1 Inf (and std NaN, like torch.std_mean).
@@ -58,7 +58,7 @@ inline double widen(T v) {
   }
 }
 
-// Elements per block (the block is re-read from L1 cache for its centred sum of squares).
+// Elements per block: its shifted sums below lose at most ~kStatsBlock^2 * 2^-53 of M2.
 constexpr int64_t kStatsBlock = 512;
 // Independent accumulators per block loop, so the compiler can keep several in flight.
 constexpr int kStatsLanes = 8;
@@ -71,47 +71,45 @@ inline RowStats row_stats(const T* x, int64_t k) {
   for (int64_t b0 = 0; b0 < k; b0 += kStatsBlock) {
     const int64_t len = std::min(kStatsBlock, k - b0);
     const T* p = x + b0;
+    // Shifted sums d = x - c with c = the block's first element. c is a sample, so
+    // len * (mean - c)^2 <= len * M2 and s2 - s1^2 / len cancels at most a factor len + 1.
+    const double c = widen(p[0]);
     double amax[kStatsLanes] = {}, asum[kStatsLanes] = {}, sum[kStatsLanes] = {};
+    double s1[kStatsLanes] = {}, s2[kStatsLanes] = {};
     int64_t j = 0;
     for (; j + kStatsLanes <= len; j += kStatsLanes) {
       for (int l = 0; l < kStatsLanes; ++l) {
         const double v = widen(p[j + l]);
         const double a = std::fabs(v);
+        const double d = v - c;
         amax[l] = a > amax[l] ? a : amax[l];
         asum[l] += a;
         sum[l] += v;
+        s1[l] += d;
+        s2[l] += d * d;
       }
     }
     for (; j < len; ++j) {
       const double v = widen(p[j]);
       const double a = std::fabs(v);
+      const double d = v - c;
       amax[0] = a > amax[0] ? a : amax[0];
       asum[0] += a;
       sum[0] += v;
+      s1[0] += d;
+      s2[0] += d * d;
     }
-    double b_amax = 0.0, b_asum = 0.0, b_sum = 0.0;
+    double b_amax = 0.0, b_asum = 0.0, b_sum = 0.0, b_s1 = 0.0, b_s2 = 0.0;
     for (int l = 0; l < kStatsLanes; ++l) {
       b_amax = amax[l] > b_amax ? amax[l] : b_amax;
       b_asum += asum[l];
       b_sum += sum[l];
+      b_s1 += s1[l];
+      b_s2 += s2[l];
     }
     const double b_count = static_cast<double>(len);
-    const double b_mean = b_sum / b_count;
-
-    double dev[kStatsLanes] = {};
-    j = 0;
-    for (; j + kStatsLanes <= len; j += kStatsLanes) {
-      for (int l = 0; l < kStatsLanes; ++l) {
-        const double d = widen(p[j + l]) - b_mean;
-        dev[l] += d * d;
-      }
-    }
-    for (; j < len; ++j) {
-      const double d = widen(p[j]) - b_mean;
-      dev[0] += d * d;
-    }
-    double b_m2 = 0.0;
-    for (int l = 0; l < kStatsLanes; ++l) b_m2 += dev[l];
+    const double b_mean = c + b_s1 / b_count;
+    const double b_m2 = std::max(b_s2 - b_s1 * (b_s1 / b_count), 0.0);
 
     // Chan et al.: merge (count, mean, m2) with the block's.
     const double merged = count + b_count;
