@@ -148,6 +148,8 @@ void reference_max_abs_l1(const at::Tensor& weight, int64_t n, int64_t k, float*
                           float* l1) {
   const int64_t block = std::max<int64_t>(1, (int64_t{1} << 15) / k);  // ~128 KiB of float32
   auto reduce = [&](int64_t begin, int64_t end) {
+    // Worker threads start with default grad mode; these temporaries need no autograd graph.
+    const at::NoGradGuard no_grad;
     for (int64_t b = begin; b < end; b += block) {
       const int64_t m = std::min(block, end - b);
       const at::Tensor a = at::abs(weight.narrow(0, b, m).reshape({m, k}).to(at::kFloat));
