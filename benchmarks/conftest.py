@@ -1,0 +1,150 @@
+"""Shared pieces of the craft_ext kernel benchmarks (pytest-benchmark).
+
+Records library versions and the device in pytest-benchmark's ``machine_info``, and provides
+the timing helpers the benchmarks use to compare each backend with the naive PyTorch code a
+user would write (``speedup_vs_naive`` in ``extra_info``) and, on CUDA, the achieved memory
+bandwidth against the GPU's peak.
+"""
+
+from __future__ import annotations
+
+import time
+from collections.abc import Callable
+
+import pytest
+import torch
+
+import craft_ext
+
+#: Peak HBM bandwidth in GB/s by a substring of ``torch.cuda.get_device_name()``.
+PEAK_GBPS = {"H200": 4800.0, "H100": 3350.0}
+
+#: The ``bench_device`` axis: CUDA cases are skipped without a GPU.
+DEVICES = [
+    pytest.param("cpu", id="cpu"),
+    pytest.param(
+        "cuda",
+        id="cuda",
+        marks=pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU"),
+    ),
+]
+
+
+def pytest_benchmark_update_machine_info(config, machine_info: dict) -> None:
+    """Add torch / Triton / CUDA versions, the GPU and the craft_ext build to machine_info."""
+    machine_info["torch"] = torch.__version__
+    machine_info["torch_threads"] = torch.get_num_threads()
+    machine_info["cpu_capability"] = torch.backends.cpu.get_cpu_capability()
+    machine_info["craft_ext_extension_loaded"] = craft_ext.extension_loaded()
+    try:
+        import triton
+
+        machine_info["triton"] = triton.__version__
+    except ImportError:
+        machine_info["triton"] = None
+    if torch.cuda.is_available():
+        machine_info["cuda"] = torch.version.cuda
+        machine_info["cuda_device"] = torch.cuda.get_device_name()
+
+
+def pytest_generate_tests(metafunc) -> None:
+    """Parametrize a ``bench_device`` argument over CPU and (when present) CUDA."""
+    if "bench_device" in metafunc.fixturenames:
+        metafunc.parametrize("bench_device", DEVICES)
+
+
+class BenchTools:
+    """Timing and reporting helpers shared by the benchmark files (the ``tools`` fixture)."""
+
+    def __init__(self) -> None:
+        #: median seconds of the naive code per case, shared by the backends' benchmarks
+        self.naive_times: dict[tuple, float] = {}
+
+    @staticmethod
+    def peak_gbps(device: str) -> float | None:
+        """Peak memory bandwidth of the current CUDA device in GB/s (None: unknown or CPU)."""
+        if device != "cuda":
+            return None
+        name = torch.cuda.get_device_name()
+        return next((v for key, v in PEAK_GBPS.items() if key in name), None)
+
+    @staticmethod
+    def synchronize(device: str) -> None:
+        if device == "cuda":
+            torch.cuda.synchronize()
+
+    @staticmethod
+    def backends(device: str, op: str) -> list[str]:
+        """craft_ext backends that run ``op`` natively on ``device`` (Triton on CUDA only)."""
+        usable = craft_ext.available_backends(device, op)
+        return [b for b in usable if not (b == "triton" and device != "cuda")]
+
+    def require(self, device: str, op: str, impl: str) -> None:
+        """Skip unless ``impl`` (``naive`` or a backend) can run ``op`` on ``device``."""
+        if impl != "naive" and impl not in self.backends(device, op):
+            pytest.skip(f"backend {impl} cannot run {op} on {device} here")
+
+    def median_seconds(
+        self,
+        fn: Callable[[], object],
+        device: str,
+        setup: Callable[[], object] | None = None,
+        rounds: int = 5,
+    ) -> float:
+        """Median wall time of ``fn()`` over ``rounds`` calls after one warm-up, synchronised;
+        ``setup()`` runs untimed before each call."""
+        times = []
+        for r in range(rounds + 1):
+            if setup is not None:
+                setup()
+            self.synchronize(device)
+            start = time.perf_counter()
+            fn()
+            self.synchronize(device)
+            if r:
+                times.append(time.perf_counter() - start)
+        times.sort()
+        return times[len(times) // 2]
+
+    def naive_seconds(self, key: tuple, measure: Callable[[], float]) -> float:
+        """The naive code's median for case ``key``, measured once per session."""
+        if key not in self.naive_times:
+            self.naive_times[key] = measure()
+        return self.naive_times[key]
+
+    def record(
+        self,
+        benchmark,
+        *,
+        device: str,
+        impl: str,
+        naive_s: float,
+        own_s: Callable[[], float],
+        bytes_moved: int,
+    ) -> None:
+        """Put speedup vs naive and bandwidth (with fraction of peak on CUDA) in extra_info.
+
+        ``own_s`` measures the implementation's median when pytest-benchmark has no
+        statistics (e.g. under ``--benchmark-disable``).
+        """
+        stats = getattr(getattr(benchmark, "stats", None), "stats", None)
+        seconds = stats.median if stats is not None else own_s()
+        gbps = bytes_moved / seconds / 1e9
+        info = {
+            "impl": impl,
+            "median_s": seconds,
+            "naive_median_s": naive_s,
+            "speedup_vs_naive": naive_s / seconds,
+            "GB/s": gbps,
+        }
+        peak = self.peak_gbps(device)
+        if peak is not None:
+            info["peak_GB/s"] = peak
+            info["fraction_of_peak"] = gbps / peak
+        benchmark.extra_info.update(info)
+
+
+@pytest.fixture(scope="session")
+def tools() -> BenchTools:
+    """Shared :class:`BenchTools` (one naive-time cache per session)."""
+    return BenchTools()

@@ -1,0 +1,293 @@
+// CPU kernel of craft_ext::reactivate_ (schema in csrc/ops.cpp, semantics in
+// craft_ext/reference.py::reactivate_ and craft_donors).
+//
+// CRAFT filter reactivation (Bhatta et al., arXiv 2312.00072, sec. 4.3) of weight [N, ...] in
+// place. With per-filter float32 max_abs / l1 / mean / std and t = float32(threshold):
+//   inactive[i] = max_abs[i] <= t;   active[i] = !inactive[i] && isfinite(l1[i]).
+// * craft: inactive filters, ordered by (order_key, index), take the unspent active filters
+//   (active & !used) ranked by (-l1, index), one each; the rest take the spent active filter
+//   S[min(floor(fallback_u[i] * |S|), |S| - 1)] (float32 product, S in index order). A filter
+//   becomes the negative of its donor; used |= donors spent here.
+// * scaled_gaussian: inactive filters become mean[s] + std[s] * noise[i] (float32, then cast),
+//   s the active filter of largest l1 (lowest index on ties).
+// * random: inactive filters become noise[i] * float32(sqrt(2 / K)) (He / Kaiming, fan-in K).
+// craft and scaled_gaussian change nothing without an active filter. Returns (inactive bool [N],
+// reactivated bool [N], donor int64 [N] (-1 where none), count int64 []).
+//
+// The statistics are the reference's own ATen reductions (see reactivate_cpu), the pairing is
+// O(N log N) serial work on [N] vectors, and only the reactivated filters are written, in
+// parallel. Filters that are dense blocks are written through a strided view of `weight`;
+// other layouts are computed on a contiguous copy that is copied back.
+
+#include <ATen/ATen.h>
+#include <ATen/Dispatch.h>
+#include <ATen/Parallel.h>
+#include <torch/library.h>
+
+#include <algorithm>
+#include <cmath>
+#include <cstdint>
+#include <limits>
+#include <numeric>
+#include <optional>
+#include <string>
+#include <tuple>
+#include <vector>
+
+#include "common.h"
+
+namespace craft_ext {
+namespace {
+
+// Ascending order of torch.sort on floats: NaN after everything, NaNs equal to each other.
+inline bool sort_less(float a, float b) { return a < b || (!std::isnan(a) && std::isnan(b)); }
+
+// Indices 0..n-1 stably sorted by key (torch.sort(key, stable=True).indices).
+std::vector<int64_t> stable_argsort(const std::vector<float>& key) {
+  std::vector<int64_t> idx(key.size());
+  std::iota(idx.begin(), idx.end(), int64_t{0});
+  std::stable_sort(idx.begin(), idx.end(),
+                   [&](int64_t a, int64_t b) { return sort_less(key[a], key[b]); });
+  return idx;
+}
+
+// craft_donors of reference.py: fills donor (-1 where none) and newly_used.
+void craft_donors(const std::vector<uint8_t>& inactive, const std::vector<uint8_t>& active,
+                  const std::vector<uint8_t>& used, const std::vector<float>& l1,
+                  const float* order_key, const float* fallback_u, int64_t* donor,
+                  std::vector<uint8_t>& newly_used) {
+  const int64_t n = static_cast<int64_t>(inactive.size());
+  const float inf = std::numeric_limits<float>::infinity();
+  std::vector<float> donor_key(n), target_key(n);
+  int64_t n_cand = 0, n_inactive = 0;
+  bool any_active = false;
+  for (int64_t i = 0; i < n; ++i) {
+    const bool cand = active[i] && !used[i];
+    n_cand += cand;
+    n_inactive += inactive[i] != 0;
+    any_active = any_active || active[i];
+    donor_key[i] = cand ? -l1[i] : inf;
+    target_key[i] = inactive[i] ? order_key[i] : inf;
+  }
+  const std::vector<int64_t> donor_order = stable_argsort(donor_key);
+  const std::vector<int64_t> target_order = stable_argsort(target_key);
+
+  newly_used.assign(n, 0);
+  for (int64_t p = 0; p < std::min(n_cand, n_inactive); ++p) newly_used[donor_order[p]] = 1;
+
+  // Spent active filters in index order, then the rest (a stable sort of !spent).
+  std::vector<int64_t> spent_list;
+  spent_list.reserve(n);
+  for (int64_t i = 0; i < n; ++i) {
+    if (active[i] && (used[i] || newly_used[i])) spent_list.push_back(i);
+  }
+  const int64_t n_spent = static_cast<int64_t>(spent_list.size());
+  for (int64_t i = 0; i < n; ++i) {
+    if (!(active[i] && (used[i] || newly_used[i]))) spent_list.push_back(i);
+  }
+
+  for (int64_t p = 0; p < n; ++p) {
+    const int64_t i = target_order[p];
+    int64_t d = p < n_cand ? donor_order[p] : -1;
+    if (d < 0) {
+      // r = min(floor(u * |S|), |S| - 1), the product in float32. Clamping to [0, n) first
+      // only guards fallback_u outside [0, 1) (NaN included) against out-of-range reads.
+      const float fl = std::floor(fallback_u[i] * static_cast<float>(n_spent));
+      int64_t r = 0;
+      if (fl >= static_cast<float>(n)) {
+        r = n - 1;
+      } else if (fl > 0.0f) {
+        r = static_cast<int64_t>(fl);
+      }
+      r = std::min(r, std::max<int64_t>(n_spent - 1, 0));
+      d = spent_list[r];
+    }
+    donor[i] = inactive[i] && any_active ? d : -1;
+  }
+}
+
+template <typename scalar_t>
+void write_rows(scalar_t* rows, int64_t row_stride, int64_t n, int64_t k, Method method,
+                const uint8_t* reactivated, const int64_t* donor, const float* noise, float mean_s,
+                float std_s, float kaiming) {
+  const int64_t grain = std::max<int64_t>(1, (int64_t{1} << 15) / k);
+  at::parallel_for(0, n, grain, [&](int64_t begin, int64_t end) {
+    for (int64_t i = begin; i < end; ++i) {
+      if (!reactivated[i]) continue;
+      scalar_t* dst = rows + i * row_stride;
+      if (method == Method::kCraft) {
+        // Donors are active, so never written here: reading them while writing is safe.
+        const scalar_t* src = rows + donor[i] * row_stride;
+        for (int64_t j = 0; j < k; ++j) dst[j] = static_cast<scalar_t>(-src[j]);
+      } else if (method == Method::kScaledGaussian) {
+        const float* z = noise + i * k;
+        for (int64_t j = 0; j < k; ++j) {
+          const float scaled = std_s * z[j];  // rounded like torch: multiply, then add
+          dst[j] = static_cast<scalar_t>(mean_s + scaled);
+        }
+      } else {
+        const float* z = noise + i * k;
+        for (int64_t j = 0; j < k; ++j) dst[j] = static_cast<scalar_t>(z[j] * kaiming);
+      }
+    }
+  });
+}
+
+// Float32 max |x| and sum |x| of every filter, bit-identical to reference.filter_stats: the
+// same ATen ops (to float32, abs, amax, sum over dim 1) on the same logical-order rows. The
+// donor ranking by l1 decides the pairing, and near-ties flip under any other summation order
+// (about 1 in 100 random 512-filter layers pairs a filter differently with a correctly rounded
+// double sum), so bit-identical pairing needs bit-identical l1.
+//
+// Blocks of filters are reduced in parallel, each from a cache-sized float32 buffer. Inside
+// at::parallel_for ATen reduces serially, one full row at a time, which is how it reduces the
+// rows of a multi-row [N, K] matrix too, so every row's sum is rounded as in the reference.
+// A single filter (N = 1) is reduced in one call, as the reference does (ATen may then split
+// the row across threads).
+void reference_max_abs_l1(const at::Tensor& weight, int64_t n, int64_t k, float* max_abs,
+                          float* l1) {
+  const int64_t block = std::max<int64_t>(1, (int64_t{1} << 15) / k);  // ~128 KiB of float32
+  auto reduce = [&](int64_t begin, int64_t end) {
+    // Worker threads start with default grad mode; these temporaries need no autograd graph.
+    const at::NoGradGuard no_grad;
+    for (int64_t b = begin; b < end; b += block) {
+      const int64_t m = std::min(block, end - b);
+      const at::Tensor a = at::abs(weight.narrow(0, b, m).reshape({m, k}).to(at::kFloat));
+      const at::Tensor block_max = a.amax(1).contiguous();
+      const at::Tensor block_l1 = a.sum(1).contiguous();
+      std::copy_n(block_max.const_data_ptr<float>(), m, max_abs + b);
+      std::copy_n(block_l1.const_data_ptr<float>(), m, l1 + b);
+    }
+  };
+  if (n == 1) {
+    reduce(0, 1);
+    return;
+  }
+  at::parallel_for(0, n, block, reduce);
+}
+
+std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> reactivate_cpu(
+    const at::Tensor& weight, const at::Tensor& used, const at::Tensor& order_key,
+    const at::Tensor& fallback_u, const std::optional<at::Tensor>& noise, double threshold,
+    c10::string_view method_name) {
+  const Method method = parse_method(std::string(method_name));
+  TORCH_CHECK(weight.dim() >= 1, "craft_ext::reactivate_: weight must have a filter dim 0");
+  TORCH_CHECK(at::isFloatingType(weight.scalar_type()),
+              "craft_ext::reactivate_: weight must be floating point, got ", weight.scalar_type());
+  const int64_t n = weight.size(0);
+  const int64_t k = n == 0 ? 0 : weight.numel() / n;
+  TORCH_CHECK(used.scalar_type() == at::kBool && used.dim() == 1 && used.size(0) == n,
+              "craft_ext::reactivate_: used must be bool [", n, "]");
+  TORCH_CHECK(order_key.dim() == 1 && order_key.size(0) == n && fallback_u.dim() == 1 &&
+                  fallback_u.size(0) == n,
+              "craft_ext::reactivate_: order_key and fallback_u must be [", n, "]");
+  const bool needs_noise = method != Method::kCraft;
+  if (needs_noise) {
+    TORCH_CHECK(noise.has_value() && noise->defined(),
+                "craft_ext::reactivate_: method '", method_name, "' needs noise");
+    TORCH_CHECK(noise->sizes() == weight.sizes(),
+                "craft_ext::reactivate_: noise must be shaped like weight");
+  }
+
+  const auto bool_opts = weight.options().dtype(at::kBool);
+  at::Tensor inactive_t = at::zeros({n}, bool_opts);
+  at::Tensor reactivated_t = at::zeros({n}, bool_opts);
+  at::Tensor donor_t = at::full({n}, -1, weight.options().dtype(at::kLong));
+  if (n == 0) return {inactive_t, reactivated_t, donor_t, at::zeros({}, donor_t.options())};
+  TORCH_CHECK(k > 0, "craft_ext::reactivate_: filters must hold at least one element");
+
+  // Filters as [n, k] rows written in place, or a contiguous copy written back at the end.
+  at::Tensor work = weight;
+  at::Tensor rows = filter_rows_view(weight);
+  if (!rows.defined()) {
+    work = weight.contiguous();
+    rows = filter_rows_view(work);
+    TORCH_CHECK(rows.defined(), "craft_ext::reactivate_: internal error: no row view");
+  }
+  const int64_t row_stride = n > 1 ? rows.stride(0) : k;
+
+  std::vector<float> max_abs(n), l1(n);
+  reference_max_abs_l1(weight, n, k, max_abs.data(), l1.data());
+
+  const float thr = static_cast<float>(threshold);
+  std::vector<uint8_t> inactive(n), active(n), reactivated(n), used_v(n), newly_used;
+  bool any_active = false;
+  for (int64_t i = 0; i < n; ++i) {
+    inactive[i] = max_abs[i] <= thr;
+    active[i] = !inactive[i] && std::isfinite(l1[i]);
+    any_active = any_active || active[i];
+  }
+  {
+    const at::Tensor used_c = used.contiguous();
+    const bool* u = used_c.const_data_ptr<bool>();
+    for (int64_t i = 0; i < n; ++i) used_v[i] = u[i];
+  }
+
+  int64_t* donor = donor_t.mutable_data_ptr<int64_t>();
+  float mean_s = 0.0f, std_s = 0.0f;
+  if (method == Method::kCraft) {
+    const at::Tensor key = order_key.to(at::kFloat).contiguous();
+    const at::Tensor fu = fallback_u.to(at::kFloat).contiguous();
+    craft_donors(inactive, active, used_v, l1, key.const_data_ptr<float>(),
+                 fu.const_data_ptr<float>(), donor, newly_used);
+    for (int64_t i = 0; i < n; ++i) reactivated[i] = inactive[i] && any_active;
+  } else if (method == Method::kScaledGaussian) {
+    // argmax of where(active, l1, -inf): the first maximum.
+    int64_t source = 0;
+    float best = -std::numeric_limits<float>::infinity();
+    for (int64_t i = 0; i < n; ++i) {
+      const float v = active[i] ? l1[i] : -std::numeric_limits<float>::infinity();
+      if (v > best) {
+        best = v;
+        source = i;
+      }
+    }
+    // torch.std_mean(x32, dim=1, correction=0) as in the reference, read at the source row.
+    const at::Tensor x32 = weight.reshape({n, k}).to(at::kFloat);
+    const auto std_mean = at::std_mean(x32, at::IntArrayRef{1}, /*correction=*/at::Scalar(0),
+                                       /*keepdim=*/false);
+    mean_s = std::get<1>(std_mean).contiguous().const_data_ptr<float>()[source];
+    std_s = std::get<0>(std_mean).contiguous().const_data_ptr<float>()[source];
+    for (int64_t i = 0; i < n; ++i) {
+      reactivated[i] = inactive[i] && any_active;
+      donor[i] = reactivated[i] ? source : -1;
+    }
+  } else {
+    for (int64_t i = 0; i < n; ++i) reactivated[i] = inactive[i];
+  }
+
+  at::Tensor noise_rows;
+  if (needs_noise) noise_rows = rows_like(noise->to(at::kFloat), work).contiguous();
+  const float kaiming = static_cast<float>(std::sqrt(2.0 / static_cast<double>(k)));
+  AT_DISPATCH_FLOATING_TYPES_AND2(
+      at::kHalf, at::kBFloat16, weight.scalar_type(), "craft_ext::reactivate_ write", [&] {
+        write_rows(rows.mutable_data_ptr<scalar_t>(), row_stride, n, k, method,
+                   reactivated.data(), donor,
+                   needs_noise ? noise_rows.const_data_ptr<float>() : nullptr, mean_s, std_s,
+                   kaiming);
+      });
+  if (!work.is_same(weight)) weight.copy_(work);
+
+  if (method == Method::kCraft) {
+    at::Tensor newly = at::empty({n}, bool_opts);
+    bool* nu = newly.mutable_data_ptr<bool>();
+    for (int64_t i = 0; i < n; ++i) nu[i] = newly_used[i] != 0;
+    used.logical_or_(newly);
+  }
+
+  bool* out_inactive = inactive_t.mutable_data_ptr<bool>();
+  bool* out_reactivated = reactivated_t.mutable_data_ptr<bool>();
+  int64_t count = 0;
+  for (int64_t i = 0; i < n; ++i) {
+    out_inactive[i] = inactive[i] != 0;
+    out_reactivated[i] = reactivated[i] != 0;
+    count += reactivated[i];
+  }
+  return {inactive_t, reactivated_t, donor_t, at::scalar_tensor(count, donor_t.options())};
+}
+
+}  // namespace
+
+TORCH_LIBRARY_IMPL(craft_ext, CPU, m) { m.impl("reactivate_", &reactivate_cpu); }
+
+}  // namespace craft_ext
