@@ -1,0 +1,266 @@
+"""The CUDA kernels (csrc/cuda) against the reference, without host syncs and in CUDA graphs.
+
+Every test needs a GPU and an extension built with CUDA; they skip otherwise. Each one runs
+under ``torch.cuda.set_sync_debug_mode("error")``, so any device-to-host synchronisation in the
+CUDA backend raises. Shapes cover both kernel configurations of filter_stats (one warp per
+filter for K <= 1024, one block per filter above), vectorised and scalar loads (K not a
+multiple of the vector width, misaligned storage) and the layouts handled by the row view.
+"""
+
+from __future__ import annotations
+
+import contextlib
+from collections.abc import Iterator, Sequence
+
+import pytest
+import torch
+from helpers import CUDA
+
+import craft_ext
+from craft_ext import reference
+
+pytestmark = pytest.mark.cuda
+
+DTYPES = [torch.float32, torch.float16, torch.bfloat16, torch.float64]
+# (N, K): K = 1, odd, one vector, warp path limit, just past it, a 512-channel 3x3 conv
+SHAPES = [(3, 1), (9, 27), (5, 8), (17, 1024), (6, 1025), (40, 4608)]
+THR = 1e-3
+
+
+@pytest.fixture(autouse=True)
+def _needs_cuda_backend() -> None:
+    if not CUDA:
+        pytest.skip("needs a CUDA GPU")
+    if "cuda" not in craft_ext.available_backends("cuda", "reactivate_"):
+        pytest.skip(f"extension not built with CUDA ({craft_ext.extension_error()})")
+
+
+@contextlib.contextmanager
+def no_host_sync() -> Iterator[None]:
+    """Make any CUDA synchronisation with the host an error inside the block."""
+    torch.cuda.synchronize()
+    torch.cuda.set_sync_debug_mode("error")
+    try:
+        yield
+    finally:
+        torch.cuda.set_sync_debug_mode("default")
+
+
+def weight(
+    shape: tuple[int, ...], dtype: torch.dtype = torch.float32, seed: int = 0, n_inactive: int = 0
+) -> torch.Tensor:
+    """Random [N, ...] CUDA weight; ``n_inactive`` filters (even rows first, then odd) tiny."""
+    g = torch.Generator().manual_seed(seed)
+    n = shape[0]
+    w = torch.randn(shape, generator=g, dtype=torch.float64) * 0.1
+    rows = torch.cat([torch.arange(0, n, 2), torch.arange(1, n, 2)])[:n_inactive]
+    w[rows] *= 1e-3
+    return w.to(dtype).cuda()
+
+
+def draws(
+    w: torch.Tensor, method: str, seed: int = 0
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor | None]:
+    """The random inputs of reactivate_ (order_key, fallback_u, noise) on w's device."""
+    g = torch.Generator(device="cuda").manual_seed(seed)
+    n = w.shape[0]
+    key = torch.rand(n, generator=g, device="cuda")
+    u = torch.rand(n, generator=g, device="cuda")
+    noise = None if method == "craft" else torch.randn(w.shape, generator=g, device="cuda")
+    return key, u, noise
+
+
+def assert_stats_close(got: Sequence[torch.Tensor], want: Sequence[torch.Tensor]) -> None:
+    rtol = 1e-5  # the kernel sums in double, the reference in float32
+    for name, g, e in zip(("max_abs", "l1", "mean", "std"), got, want, strict=True):
+        assert g.dtype == torch.float32 and g.is_cuda, name
+        torch.testing.assert_close(g, e, rtol=rtol, atol=1e-6, equal_nan=True, msg=name)
+    torch.testing.assert_close(got[0], want[0], rtol=0, atol=0, equal_nan=True)  # max is exact
+
+
+# ---------------------------------------------------------------------------------------------
+# filter_stats
+# ---------------------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("dtype", DTYPES, ids=str)
+@pytest.mark.parametrize("shape", SHAPES, ids=str)
+def test_filter_stats_matches_reference_without_sync(shape, dtype):
+    w = weight(shape, dtype, seed=shape[1])
+    with no_host_sync():
+        got = torch.ops.craft_ext.filter_stats.default(w)
+    assert_stats_close(got, reference.filter_stats(w))
+
+
+@pytest.mark.parametrize("layout", ["channels_last", "row_slice", "transposed", "channel_slice"])
+def test_filter_stats_layouts_and_misaligned_storage(layout):
+    base = weight((24, 8, 3, 3), seed=1)
+    x = {
+        "channels_last": base.to(memory_format=torch.channels_last),
+        "row_slice": base[::2],
+        "transposed": base.transpose(2, 3),
+        "channel_slice": base[:, 1:5],
+    }[layout]
+    with no_host_sync():
+        got = torch.ops.craft_ext.filter_stats.default(x)
+    assert_stats_close(got, reference.filter_stats(x.contiguous()))
+    # storage offset of one element: the rows are no longer 16-byte aligned (scalar loads)
+    flat = torch.empty(24 * 72 + 1, device="cuda")
+    odd = flat[1:].view(24, 8, 3, 3).copy_(base)
+    with no_host_sync():
+        got = torch.ops.craft_ext.filter_stats.default(odd)
+    assert_stats_close(got, reference.filter_stats(base))
+
+
+@pytest.mark.parametrize("k", [27, 4608])
+def test_filter_stats_nan_inf_and_large_offset(k):
+    w = weight((6, k), seed=2)
+    w[1, k // 2] = float("nan")
+    w[3, k - 1] = float("inf")
+    w[4] = w[4] * 1e-3 + 100.0  # std must not come from cancelling sums of squares
+    with no_host_sync():
+        s = torch.ops.craft_ext.filter_stats.default(w)
+    assert all(torch.isnan(f[1]) for f in s)
+    assert torch.isinf(s[0][3]) and torch.isinf(s[1][3])
+    keep = torch.tensor([0, 2, 4, 5], device="cuda")
+    want = reference.filter_stats(w[keep].double())
+    for g, e in zip(s, want, strict=True):
+        torch.testing.assert_close(g[keep], e, rtol=1e-5, atol=1e-6)
+
+
+def test_filter_stats_in_cuda_graph():
+    w = weight((64, 16, 3, 3), seed=3)
+    side = torch.cuda.Stream()
+    side.wait_stream(torch.cuda.current_stream())
+    with torch.cuda.stream(side):
+        torch.ops.craft_ext.filter_stats.default(w)  # warm-up outside the capture
+    torch.cuda.current_stream().wait_stream(side)
+    graph = torch.cuda.CUDAGraph()
+    with torch.cuda.graph(graph):
+        out = torch.ops.craft_ext.filter_stats.default(w)
+    for seed in (4, 5):
+        w.copy_(weight(w.shape, seed=seed))
+        graph.replay()
+        torch.cuda.synchronize()
+        assert_stats_close(out, reference.filter_stats(w))
+
+
+# ---------------------------------------------------------------------------------------------
+# reactivate_
+# ---------------------------------------------------------------------------------------------
+
+
+def check_against_reference(
+    w: torch.Tensor,
+    used: torch.Tensor,
+    method: str,
+    seed: int = 0,
+    exact_weights: bool | None = None,
+) -> tuple[torch.Tensor, ...]:
+    """Run the CUDA op (no host sync allowed) and the reference on copies; compare all."""
+    key, u, noise = draws(w, method, seed)
+    w_ref, used_ref = w.clone(), used.clone()
+    with no_host_sync():
+        got = torch.ops.craft_ext.reactivate_.default(w, used, key, u, noise, THR, method)
+    want = reference.reactivate_(w_ref, used_ref, key, u, noise, THR, method)
+    for name, g, e in zip(("inactive", "reactivated", "donor", "count"), got, want, strict=True):
+        assert g.device == e.device and g.dtype == e.dtype, name
+        assert torch.equal(g, e), f"{name} differs from the reference"
+    assert torch.equal(used, used_ref)
+    if exact_weights if exact_weights is not None else method == "craft":
+        assert torch.equal(w, w_ref)
+    else:  # mean/std come from the kernel (double accumulators): last-bit differences
+        tol = {torch.float16: 1e-3, torch.bfloat16: 8e-3}.get(w.dtype, 1e-6)
+        torch.testing.assert_close(w, w_ref, rtol=tol, atol=tol)
+    return got
+
+
+@pytest.mark.parametrize("method", craft_ext.METHODS)
+@pytest.mark.parametrize("dtype", DTYPES, ids=str)
+@pytest.mark.parametrize("shape", SHAPES, ids=str)
+def test_reactivate_matches_reference_without_sync(shape, dtype, method):
+    n = shape[0]
+    w = weight(shape, dtype, seed=n, n_inactive=max(1, n // 2))
+    used = torch.arange(n, device="cuda") % 3 == 0
+    check_against_reference(w, used, method, seed=n, exact_weights=method != "scaled_gaussian")
+
+
+@pytest.mark.parametrize("method", craft_ext.METHODS)
+@pytest.mark.parametrize("layout", ["channels_last", "row_slice", "transposed", "channel_slice"])
+def test_reactivate_layouts_write_in_place(layout, method):
+    base = weight((20, 6, 3, 3), seed=6, n_inactive=8)
+    view = {
+        "channels_last": lambda t: t.to(memory_format=torch.channels_last),
+        "row_slice": lambda t: t[::2],
+        "transposed": lambda t: t.transpose(2, 3),
+        "channel_slice": lambda t: t[:, 1:5],
+    }[layout](base)
+    used = torch.zeros(view.shape[0], dtype=torch.bool, device="cuda")
+    check_against_reference(view, used, method, seed=7)
+    if layout in ("row_slice", "channel_slice"):  # wrote through to the base tensor
+        assert torch.equal(view, {"row_slice": base[::2], "channel_slice": base[:, 1:5]}[layout])
+
+
+def test_reactivate_more_inactive_than_donors_falls_back_to_spent():
+    w = weight((32, 3, 3, 3), seed=8, n_inactive=20)  # 12 active, 20 inactive
+    used = torch.zeros(32, dtype=torch.bool, device="cuda")
+    used[1::4] = True
+    res = check_against_reference(w, used, "craft", seed=9)
+    assert int(res[3]) == 20
+
+
+def test_reactivate_no_active_filter_and_nan_filters():
+    w = torch.full((6, 27), 1e-5, device="cuda")
+    for method in craft_ext.METHODS:
+        used = torch.zeros(6, dtype=torch.bool, device="cuda")
+        check_against_reference(w.clone(), used, method, seed=10)
+    w = weight((10, 27), seed=11, n_inactive=4)
+    w[3, 5] = float("nan")  # an active filter with a NaN: neither inactive nor a donor
+    used = torch.zeros(10, dtype=torch.bool, device="cuda")
+    res = check_against_reference(w, used, "craft", seed=12)
+    assert (res[2] != 3).all()
+
+
+def test_public_api_runs_without_sync():
+    w = weight((64, 3, 3, 3), seed=13, n_inactive=10)
+    used = torch.zeros(64, dtype=torch.bool, device="cuda")
+    gen = torch.Generator(device="cuda").manual_seed(0)
+    with no_host_sync():
+        res = craft_ext.reactivate_(w, used=used, generator=gen, backend="cuda")
+        stats = craft_ext.filter_stats(w, backend="cuda")
+    assert int(res.count) == 10 and bool((stats.max_abs > THR).all())
+
+
+@pytest.mark.parametrize("method", craft_ext.METHODS)
+def test_reactivate_in_cuda_graph(method):
+    n = 48
+    w = weight((n, 8, 3, 3), seed=14, n_inactive=16)
+    used = torch.zeros(n, dtype=torch.bool, device="cuda")
+    key, u, noise = draws(w, method, seed=15)
+    op = torch.ops.craft_ext.reactivate_.default
+    side = torch.cuda.Stream()
+    side.wait_stream(torch.cuda.current_stream())
+    with torch.cuda.stream(side):
+        op(w.clone(), used.clone(), key, u, noise, THR, method)  # warm-up outside the capture
+    torch.cuda.current_stream().wait_stream(side)
+    graph = torch.cuda.CUDAGraph()
+    with torch.cuda.graph(graph):
+        out = op(w, used, key, u, noise, THR, method)
+    for seed in (16, 17):
+        fresh = weight(w.shape, seed=seed, n_inactive=16)
+        w.copy_(fresh)
+        used.zero_()
+        new_key, new_u, new_noise = draws(w, method, seed=seed)
+        key.copy_(new_key)
+        u.copy_(new_u)
+        if noise is not None:
+            noise.copy_(new_noise)
+        graph.replay()
+        torch.cuda.synchronize()
+        w_ref, used_ref = fresh.clone(), torch.zeros_like(used)
+        want = reference.reactivate_(w_ref, used_ref, key, u, noise, THR, method)
+        for g, e in zip(out, want, strict=True):
+            assert torch.equal(g, e)
+        assert torch.equal(used, used_ref)
+        tol = 0.0 if method != "scaled_gaussian" else 1e-6
+        torch.testing.assert_close(w, w_ref, rtol=tol, atol=tol)
