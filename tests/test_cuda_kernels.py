@@ -25,6 +25,7 @@ DTYPES = [torch.float32, torch.float16, torch.bfloat16, torch.float64]
 # (N, K): K = 1, odd, one vector, warp path limit, just past it, a 512-channel 3x3 conv
 SHAPES = [(3, 1), (9, 27), (5, 8), (17, 1024), (6, 1025), (40, 4608)]
 THR = 1e-3
+LAYOUTS = ("channels_last", "row_slice", "transposed", "channel_slice")
 
 
 @pytest.fixture(autouse=True)
@@ -56,6 +57,17 @@ def weight(
     rows = torch.cat([torch.arange(0, n, 2), torch.arange(1, n, 2)])[:n_inactive]
     w[rows] *= 1e-3
     return w.to(dtype).cuda()
+
+
+def layout_view(t: torch.Tensor, layout: str) -> torch.Tensor:
+    """``t`` [N, C, kh, kw] in one of :data:`LAYOUTS` (all but channels_last share storage)."""
+    if layout == "channels_last":
+        return t.contiguous(memory_format=torch.channels_last)
+    if layout == "transposed":
+        return t.transpose(2, 3)
+    if layout == "row_slice":
+        return t[::2]
+    return t[:, 1:5]  # channel_slice: filters are not dense blocks (the kernels copy)
 
 
 def draws(
@@ -92,15 +104,10 @@ def test_filter_stats_matches_reference_without_sync(shape, dtype):
     assert_stats_close(got, reference.filter_stats(w))
 
 
-@pytest.mark.parametrize("layout", ["channels_last", "row_slice", "transposed", "channel_slice"])
+@pytest.mark.parametrize("layout", LAYOUTS)
 def test_filter_stats_layouts_and_misaligned_storage(layout):
     base = weight((24, 8, 3, 3), seed=1)
-    x = {
-        "channels_last": base.to(memory_format=torch.channels_last),
-        "row_slice": base[::2],
-        "transposed": base.transpose(2, 3),
-        "channel_slice": base[:, 1:5],
-    }[layout]
+    x = layout_view(base, layout)
     with no_host_sync():
         got = torch.ops.craft_ext.filter_stats.default(x)
     assert_stats_close(got, reference.filter_stats(x.contiguous()))
@@ -186,19 +193,14 @@ def test_reactivate_matches_reference_without_sync(shape, dtype, method):
 
 
 @pytest.mark.parametrize("method", craft_ext.METHODS)
-@pytest.mark.parametrize("layout", ["channels_last", "row_slice", "transposed", "channel_slice"])
+@pytest.mark.parametrize("layout", LAYOUTS)
 def test_reactivate_layouts_write_in_place(layout, method):
     base = weight((20, 6, 3, 3), seed=6, n_inactive=8)
-    view = {
-        "channels_last": lambda t: t.to(memory_format=torch.channels_last),
-        "row_slice": lambda t: t[::2],
-        "transposed": lambda t: t.transpose(2, 3),
-        "channel_slice": lambda t: t[:, 1:5],
-    }[layout](base)
+    view = layout_view(base, layout)
     used = torch.zeros(view.shape[0], dtype=torch.bool, device="cuda")
     check_against_reference(view, used, method, seed=7)
-    if layout in ("row_slice", "channel_slice"):  # wrote through to the base tensor
-        assert torch.equal(view, {"row_slice": base[::2], "channel_slice": base[:, 1:5]}[layout])
+    if layout != "channels_last":  # a view: the update wrote through to the base tensor
+        assert torch.equal(view, layout_view(base, layout))
 
 
 def test_reactivate_more_inactive_than_donors_falls_back_to_spent():
