@@ -13,6 +13,12 @@
 #      kernel for float, double, half and bfloat16 and every method, and links into an
 #      executable against the static CUDA runtime (catches missing device symbols).
 #
+#   3. csrc/cuda/emulation/emulate_kernels.cpp: the same launchers and kernels compiled for the
+#      host with a thread-per-CUDA-thread emulation (host_emulation.h) and run against a direct
+#      C++ computation: every dtype, warp and block paths, vector / scalar loads, row strides,
+#      misaligned bases, NaN / Inf rows, the three write methods. It checks the logic
+#      (indexing, reduction trees, barriers, launch configuration), not GPU behaviour.
+#
 # What is NOT checked here:
 #   * linking the torch glue against libc10_cuda / libtorch_cuda (the CPU wheel has neither),
 #     nor loading the op library: that needs a CUDA build of torch;
@@ -31,6 +37,9 @@ ARCHS=("$@")
 
 command -v "$NVCC" >/dev/null || { echo "nvcc not found (set NVCC=...)"; exit 1; }
 mapfile -t TORCH_INC < <(python -c 'import torch.utils.cpp_extension as c; print("\n".join(c.include_paths()))')
+# the toolkit's include directory, as nvcc itself reports it (nvcc may be a wrapper script)
+CUDA_INC="$(echo | "$NVCC" --dryrun -x cu -c - -o /dev/null 2>&1 \
+  | sed -n 's/^#\$ INCLUDES="-I\([^"]*\)".*/\1/p' | head -1 | sed 's/ *$//')"
 PY_INC="$(python -c 'import sysconfig; print(sysconfig.get_paths()["include"])')"
 
 GENCODE=()
@@ -59,7 +68,7 @@ for src in "$ROOT"/csrc/cuda/*.cu; do
   fi
   # diagnostics from our sources (torch's own header warnings are not shown), spills, and the
   # highest register count of any kernel entry
-  grep -E "error|warning" "$TMP/$name.log" | grep -v "/torch/include/" | sed 's/^/    /' \
+  grep -E "error|warning" "$TMP/$name.log" | grep -v "/torch/include/\|^Remark" | sed 's/^/    /' \
     | head -40 || true
   grep -E "[1-9][0-9]* bytes spill" "$TMP/$name.log" | sed 's/^/    spill: /' | head -10 || true
   entries="$(grep -c "Compiling entry" "$TMP/$name.log" || true)"
@@ -107,6 +116,19 @@ else
   echo "FAIL harness"; status=1
 fi
 grep -E "error|warning" "$TMP/harness.log" | sed 's/^/    /' | head -40 || true
+
+echo "== 3. host emulation: run the kernels' launchers on CPU threads, check their results"
+if "${CXX:-g++}" -std=c++20 -O1 -pthread -I"$CUDA_INC" \
+    "$ROOT/csrc/cuda/emulation/emulate_kernels.cpp" -o "$TMP/emulate" 2>"$TMP/emulate.log"; then
+  if "$TMP/emulate" | sed 's/^/    /'; then
+    echo "PASS emulated kernels (indexing, reductions, vector/scalar paths, launch configs)"
+  else
+    echo "FAIL emulated kernels"; status=1
+  fi
+else
+  echo "FAIL compiling the emulation"; status=1
+  grep -E "error" "$TMP/emulate.log" | sed 's/^/    /' | head -20 || true
+fi
 
 [ $status -eq 0 ] && echo "== all compile checks passed" || echo "== compile checks FAILED"
 exit $status

@@ -12,6 +12,14 @@
 
 #include <cstdint>
 
+// CRAFT_EXT_LAUNCH(grid, block, stream, kernel)(args...) launches `kernel` on `stream` with no
+// dynamic shared memory. It is a macro only so that the host emulation used to test the kernels
+// without a GPU (csrc/cuda/emulation/) can run the same launchers: it defines its own version
+// before including this file.
+#ifndef CRAFT_EXT_LAUNCH
+#define CRAFT_EXT_LAUNCH(grid, block, stream, ...) __VA_ARGS__<<<grid, block, 0, stream>>>
+#endif
+
 namespace craft_ext {
 namespace cuda {
 

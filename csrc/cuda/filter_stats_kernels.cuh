@@ -133,33 +133,22 @@ __global__ void __launch_bounds__(kBlockThreads)
 // `stream`. Outputs are float32 [N] device arrays. Launch errors are left for the caller to
 // check (cudaGetLastError / C10_CUDA_KERNEL_LAUNCH_CHECK).
 template <typename T>
-void launch_filter_stats(const T* w, int64_t n, int64_t k, int64_t row_stride,
-                                float* max_abs, float* l1, float* mean, float* stdv,
-                                cudaStream_t stream) {
+void launch_filter_stats(const T* w, int64_t n, int64_t k, int64_t row_stride, float* max_abs,
+                         float* l1, float* mean, float* stdv, cudaStream_t stream) {
   if (n == 0) return;
   constexpr int kV = Vec16<T>::kSize;
   const bool vec = k >= kV && reinterpret_cast<uintptr_t>(w) % 16 == 0 &&
                    (n == 1 || row_stride % kV == 0);
+  const bool warp_per_row = k <= 1024;  // else one block of eight warps per filter
+  const dim3 grid(blocks_for(n, warp_per_row ? kBlockWarps : 1));
   const dim3 block(kBlockThreads);
-  if (k <= 1024) {  // one warp per filter, eight filters per block
-    const dim3 grid(blocks_for(n, kBlockWarps));
-    if (vec) {
-      filter_stats_kernel<T, 1, true>
-          <<<grid, block, 0, stream>>>(w, n, k, row_stride, max_abs, l1, mean, stdv);
-    } else {
-      filter_stats_kernel<T, 1, false>
-          <<<grid, block, 0, stream>>>(w, n, k, row_stride, max_abs, l1, mean, stdv);
-    }
-  } else {  // one block of eight warps per filter
-    const dim3 grid(blocks_for(n, 1));
-    if (vec) {
-      filter_stats_kernel<T, kBlockWarps, true>
-          <<<grid, block, 0, stream>>>(w, n, k, row_stride, max_abs, l1, mean, stdv);
-    } else {
-      filter_stats_kernel<T, kBlockWarps, false>
-          <<<grid, block, 0, stream>>>(w, n, k, row_stride, max_abs, l1, mean, stdv);
-    }
+  auto kernel = filter_stats_kernel<T, kBlockWarps, false>;
+  if (warp_per_row) {
+    kernel = vec ? filter_stats_kernel<T, 1, true> : filter_stats_kernel<T, 1, false>;
+  } else if (vec) {
+    kernel = filter_stats_kernel<T, kBlockWarps, true>;
   }
+  CRAFT_EXT_LAUNCH(grid, block, stream, kernel)(w, n, k, row_stride, max_abs, l1, mean, stdv);
 }
 
 }  // namespace cuda

@@ -80,9 +80,11 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> reactivate_cuda(
   TORCH_CHECK(order_key.numel() == n && fallback_u.numel() == n &&
                   order_key.device() == weight.device() &&
                   fallback_u.device() == weight.device(),
-              "craft_ext::reactivate_: order_key and fallback_u must be [N] on the weight's device");
-  TORCH_CHECK(method == Method::kCraft || (noise.has_value() && noise->sizes() == weight.sizes() &&
-                                           noise->device() == weight.device()),
+              "craft_ext::reactivate_: order_key and fallback_u must be [N] on the weight's "
+              "device");
+  TORCH_CHECK(method == Method::kCraft ||
+                  (noise.has_value() && noise->sizes() == weight.sizes() &&
+                   noise->device() == weight.device()),
               "craft_ext::reactivate_: scaled_gaussian and random need noise shaped like weight "
               "on its device");
 
@@ -103,8 +105,9 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> reactivate_cuda(
   at::Tensor mean = at::empty({n}, fopts);
   at::Tensor stdv = at::empty({n}, fopts);
   filter_stats_rows(rows, max_abs, l1_kernel, mean, stdv);
-  // Donor ranking key: the reference's float32 L1 norms, bit for bit (see the file comment).
-  const at::Tensor l1 = weight.reshape({n, k}).to(at::kFloat).abs().sum(1);
+  // Donor ranking key: the reference's float32 L1 norms, bit for bit (see the file comment),
+  // summed over contiguous logical-order rows.
+  const at::Tensor l1 = weight.reshape({n, k}).to(at::kFloat).contiguous().abs().sum(1);
 
   const at::Tensor inactive = max_abs.le(static_cast<double>(static_cast<float>(threshold)));
   const at::Tensor active = inactive.logical_not().logical_and(at::isfinite(l1));
@@ -126,7 +129,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> reactivate_cuda(
     reactivated = inactive.logical_and(any_active);
     donor = at::where(reactivated, source, -1);
   } else {
-    reactivated = inactive;
+    reactivated = inactive.clone();  // outputs must not alias each other
     donor = at::full({n}, -1, opts.dtype(at::kLong));
     scale = static_cast<float>(std::sqrt(2.0 / static_cast<double>(k)));
   }

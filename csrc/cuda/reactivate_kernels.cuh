@@ -53,29 +53,23 @@ __global__ void __launch_bounds__(kBlockThreads)
 // for craft and random. Launch errors are left for the caller to check.
 template <typename T>
 void launch_write_reactivated(T* w, int64_t n, int64_t k, int64_t row_stride,
-                                     const bool* reactivated, const int64_t* donor,
-                                     const float* noise, const float* mean, const float* stdv,
-                                     float scale, ReactivateMethod method, cudaStream_t stream) {
+                              const bool* reactivated, const int64_t* donor, const float* noise,
+                              const float* mean, const float* stdv, float scale,
+                              ReactivateMethod method, cudaStream_t stream) {
   const int64_t total = n * k;
   if (total == 0) return;
   constexpr int64_t kMaxBlocks = 65535;  // grid-stride loop beyond this
   const int64_t blocks = (total + kBlockThreads - 1) / kBlockThreads;
   const dim3 grid(static_cast<unsigned>(blocks < kMaxBlocks ? blocks : kMaxBlocks));
   const dim3 block(kBlockThreads);
-  switch (method) {
-    case ReactivateMethod::kCraft:
-      write_reactivated_kernel<T, ReactivateMethod::kCraft><<<grid, block, 0, stream>>>(
-          w, n, k, row_stride, reactivated, donor, noise, mean, stdv, scale);
-      break;
-    case ReactivateMethod::kScaledGaussian:
-      write_reactivated_kernel<T, ReactivateMethod::kScaledGaussian><<<grid, block, 0, stream>>>(
-          w, n, k, row_stride, reactivated, donor, noise, mean, stdv, scale);
-      break;
-    case ReactivateMethod::kRandom:
-      write_reactivated_kernel<T, ReactivateMethod::kRandom><<<grid, block, 0, stream>>>(
-          w, n, k, row_stride, reactivated, donor, noise, mean, stdv, scale);
-      break;
+  auto kernel = write_reactivated_kernel<T, ReactivateMethod::kCraft>;
+  if (method == ReactivateMethod::kScaledGaussian) {
+    kernel = write_reactivated_kernel<T, ReactivateMethod::kScaledGaussian>;
+  } else if (method == ReactivateMethod::kRandom) {
+    kernel = write_reactivated_kernel<T, ReactivateMethod::kRandom>;
   }
+  CRAFT_EXT_LAUNCH(grid, block, stream, kernel)(w, n, k, row_stride, reactivated, donor, noise,
+                                                mean, stdv, scale);
 }
 
 }  // namespace cuda
