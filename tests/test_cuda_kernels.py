@@ -1,6 +1,8 @@
 """The CUDA kernels (csrc/cuda) against the reference, without host syncs and in CUDA graphs.
 
-Every test needs a GPU and an extension built with CUDA; they skip otherwise. Each one runs
+The tests marked ``cuda`` need a GPU and an extension built with CUDA; they skip otherwise.
+One CPU test compiles the device-agnostic pairing code of the CUDA backend
+(csrc/cuda/pairing.h, ATen only) and checks it against the reference without a GPU. Each one runs
 under ``torch.cuda.set_sync_debug_mode("error")``, so any device-to-host synchronisation in the
 CUDA backend raises. Shapes cover both kernel configurations of filter_stats (one warp per
 filter for K <= 1024, one block per filter above), vectorised and scalar loads (K not a
@@ -10,26 +12,28 @@ multiple of the vector width, misaligned storage) and the layouts handled by the
 from __future__ import annotations
 
 import contextlib
+import shutil
 from collections.abc import Iterator, Sequence
 
 import pytest
 import torch
-from helpers import CUDA
+from helpers import CUDA, REPO
 
 import craft_ext
 from craft_ext import reference
-
-pytestmark = pytest.mark.cuda
 
 DTYPES = [torch.float32, torch.float16, torch.bfloat16, torch.float64]
 # (N, K): K = 1, odd, one vector, warp path limit, just past it, a 512-channel 3x3 conv
 SHAPES = [(3, 1), (9, 27), (5, 8), (17, 1024), (6, 1025), (40, 4608)]
 THR = 1e-3
+FIELDS = ("inactive", "reactivated", "donor", "count")
 LAYOUTS = ("channels_last", "row_slice", "transposed", "channel_slice")
 
 
 @pytest.fixture(autouse=True)
-def _needs_cuda_backend() -> None:
+def _needs_cuda_backend(request: pytest.FixtureRequest) -> None:
+    if request.node.get_closest_marker("cuda") is None:
+        return  # runs on CPU
     if not CUDA:
         pytest.skip("needs a CUDA GPU")
     if "cuda" not in craft_ext.available_backends("cuda", "reactivate_"):
@@ -95,6 +99,7 @@ def assert_stats_close(got: Sequence[torch.Tensor], want: Sequence[torch.Tensor]
 # ---------------------------------------------------------------------------------------------
 
 
+@pytest.mark.cuda
 @pytest.mark.parametrize("dtype", DTYPES, ids=str)
 @pytest.mark.parametrize("shape", SHAPES, ids=str)
 def test_filter_stats_matches_reference_without_sync(shape, dtype):
@@ -104,6 +109,7 @@ def test_filter_stats_matches_reference_without_sync(shape, dtype):
     assert_stats_close(got, reference.filter_stats(w))
 
 
+@pytest.mark.cuda
 @pytest.mark.parametrize("layout", LAYOUTS)
 def test_filter_stats_layouts_and_misaligned_storage(layout):
     base = weight((24, 8, 3, 3), seed=1)
@@ -119,6 +125,7 @@ def test_filter_stats_layouts_and_misaligned_storage(layout):
     assert_stats_close(got, reference.filter_stats(base))
 
 
+@pytest.mark.cuda
 @pytest.mark.parametrize("k", [27, 4608])
 def test_filter_stats_nan_inf_and_large_offset(k):
     w = weight((6, k), seed=2)
@@ -135,6 +142,7 @@ def test_filter_stats_nan_inf_and_large_offset(k):
         torch.testing.assert_close(g[keep], e, rtol=1e-5, atol=1e-6)
 
 
+@pytest.mark.cuda
 def test_filter_stats_in_cuda_graph():
     w = weight((64, 16, 3, 3), seed=3)
     side = torch.cuda.Stream()
@@ -170,7 +178,7 @@ def check_against_reference(
     with no_host_sync():
         got = torch.ops.craft_ext.reactivate_.default(w, used, key, u, noise, THR, method)
     want = reference.reactivate_(w_ref, used_ref, key, u, noise, THR, method)
-    for name, g, e in zip(("inactive", "reactivated", "donor", "count"), got, want, strict=True):
+    for name, g, e in zip(FIELDS, got, want, strict=True):
         assert g.device == e.device and g.dtype == e.dtype, name
         assert torch.equal(g, e), f"{name} differs from the reference"
     assert torch.equal(used, used_ref)
@@ -182,6 +190,7 @@ def check_against_reference(
     return got
 
 
+@pytest.mark.cuda
 @pytest.mark.parametrize("method", craft_ext.METHODS)
 @pytest.mark.parametrize("dtype", DTYPES, ids=str)
 @pytest.mark.parametrize("shape", SHAPES, ids=str)
@@ -192,6 +201,7 @@ def test_reactivate_matches_reference_without_sync(shape, dtype, method):
     check_against_reference(w, used, method, seed=n, exact_weights=method != "scaled_gaussian")
 
 
+@pytest.mark.cuda
 @pytest.mark.parametrize("method", craft_ext.METHODS)
 @pytest.mark.parametrize("layout", LAYOUTS)
 def test_reactivate_layouts_write_in_place(layout, method):
@@ -203,6 +213,7 @@ def test_reactivate_layouts_write_in_place(layout, method):
         assert torch.equal(view, layout_view(base, layout))
 
 
+@pytest.mark.cuda
 def test_reactivate_more_inactive_than_donors_falls_back_to_spent():
     w = weight((32, 3, 3, 3), seed=8, n_inactive=20)  # 12 active, 20 inactive
     used = torch.zeros(32, dtype=torch.bool, device="cuda")
@@ -211,6 +222,7 @@ def test_reactivate_more_inactive_than_donors_falls_back_to_spent():
     assert int(res[3]) == 20
 
 
+@pytest.mark.cuda
 def test_reactivate_no_active_filter_and_nan_filters():
     w = torch.full((6, 27), 1e-5, device="cuda")
     for method in craft_ext.METHODS:
@@ -223,6 +235,7 @@ def test_reactivate_no_active_filter_and_nan_filters():
     assert (res[2] != 3).all()
 
 
+@pytest.mark.cuda
 def test_public_api_runs_without_sync():
     w = weight((64, 3, 3, 3), seed=13, n_inactive=10)
     used = torch.zeros(64, dtype=torch.bool, device="cuda")
@@ -233,6 +246,7 @@ def test_public_api_runs_without_sync():
     assert int(res.count) == 10 and bool((stats.max_abs > THR).all())
 
 
+@pytest.mark.cuda
 @pytest.mark.parametrize("method", craft_ext.METHODS)
 def test_reactivate_in_cuda_graph(method):
     n = 48
@@ -266,3 +280,67 @@ def test_reactivate_in_cuda_graph(method):
         assert torch.equal(used, used_ref)
         tol = 0.0 if method != "scaled_gaussian" else 1e-6
         torch.testing.assert_close(w, w_ref, rtol=tol, atol=tol)
+
+
+# ---------------------------------------------------------------------------------------------
+# pairing.h on CPU (no GPU needed): the ATen half of the CUDA reactivate_
+# ---------------------------------------------------------------------------------------------
+
+_PAIRING_WRAPPER = """
+#include <torch/extension.h>
+#include "pairing.h"
+
+std::tuple<at::Tensor, at::Tensor, at::Tensor> pair(
+    at::Tensor max_abs, at::Tensor l1, double threshold, at::Tensor used, at::Tensor order_key,
+    at::Tensor fallback_u, std::string method) {
+  auto p = craft_ext::cuda::pair_filters(craft_ext::parse_method(method), max_abs, l1,
+                                         threshold, used, order_key, fallback_u);
+  return {p.inactive, p.reactivated, p.donor};
+}
+"""
+
+
+@pytest.fixture(scope="module")
+def pairing_module():
+    """csrc/cuda/pairing.h compiled for CPU tensors (about a minute the first time)."""
+    if shutil.which("ninja") is None or shutil.which("c++") is None:
+        pytest.skip("needs ninja and a C++ compiler")
+    from torch.utils.cpp_extension import load_inline
+
+    return load_inline(
+        name="craft_ext_cuda_pairing_check",
+        cpp_sources=[_PAIRING_WRAPPER],
+        functions=["pair"],
+        extra_include_paths=[str(REPO / "csrc" / "cuda"), str(REPO / "csrc")],
+        extra_cflags=["-O1", "-std=c++17"],
+    )
+
+
+@pytest.mark.slow
+def test_pairing_matches_reference_on_cpu(pairing_module):
+    """inactive / reactivated / donor / used of pairing.h == reference.reactivate_ on CPU."""
+    g = torch.Generator().manual_seed(0)
+    cases = 0
+    for n in (1, 2, 5, 16, 33, 200):
+        for frac_inactive in (0.0, 0.3, 0.7, 1.0):
+            for used_frac in (0.0, 0.5, 1.0):
+                w = torch.randn(n, 9, generator=g) * 0.1
+                rows = torch.randperm(n, generator=g)[: round(frac_inactive * n)]
+                w[rows] *= 1e-3
+                if n > 4:
+                    w[n // 2, 3] = float("nan")  # neither inactive nor a donor
+                used0 = torch.rand(n, generator=g) < used_frac
+                key, u = torch.rand(n, generator=g), torch.rand(n, generator=g)
+                max_abs, l1, _, _ = reference.filter_stats(w)
+                for method in craft_ext.METHODS:
+                    noise = None if method == "craft" else torch.randn(w.shape, generator=g)
+                    used, used_ref = used0.clone(), used0.clone()
+                    got = pairing_module.pair(max_abs, l1, THR, used, key, u, method)
+                    want = reference.reactivate_(w.clone(), used_ref, key, u, noise, THR, method)
+                    for name, a, b in zip(
+                        ("inactive", "reactivated", "donor"), got, want[:3], strict=True
+                    ):
+                        assert torch.equal(a, b), (name, n, frac_inactive, used_frac, method)
+                    assert torch.equal(used, used_ref), (n, frac_inactive, used_frac, method)
+                    cases += 1
+    assert cases == 6 * 4 * 3 * 3

@@ -5,7 +5,7 @@
 //   1. statistics: filter_stats kernel -> max_abs, mean, std per filter;
 //      inactive = max_abs <= float32(threshold), active = !inactive & isfinite(l1);
 //   2. pairing on the device with ATen ops, step for step as reference.craft_donors
-//      (stable sorts, scatters; no host synchronisation);
+//      (stable sorts, scatters; no host synchronisation): pairing.h;
 //   3. write_reactivated_kernel rewrites the reactivated rows in place (craft: negative of the
 //      donor row; scaled_gaussian: mean[s] + std[s] * noise; random: noise * sqrt(2 / K)) and
 //      `used` |= the donors spent by this call.
@@ -25,46 +25,12 @@
 #include <tuple>
 
 #include "cuda_glue.cuh"
+#include "pairing.h"
 #include "reactivate_kernels.cuh"
 
 namespace craft_ext {
 namespace cuda {
 namespace {
-
-// reference.craft_donors with ATen ops: (donor int64 [N], newly_used bool [N]).
-std::tuple<at::Tensor, at::Tensor> craft_donors(const at::Tensor& inactive,
-                                                const at::Tensor& active, const at::Tensor& used,
-                                                const at::Tensor& l1, const at::Tensor& order_key,
-                                                const at::Tensor& fallback_u) {
-  const int64_t n = inactive.size(0);
-  const double inf = std::numeric_limits<double>::infinity();
-  const at::Tensor pos = at::arange(n, inactive.options().dtype(at::kLong));
-
-  const at::Tensor cand = active.logical_and(used.logical_not());
-  const at::Tensor n_cand = cand.sum();
-  const at::Tensor n_inactive = inactive.sum();
-  const at::Tensor donor_order =
-      std::get<1>(at::sort(at::where(cand, l1.neg(), inf), /*stable=*/true, 0, false));
-  const at::Tensor target_order =
-      std::get<1>(at::sort(at::where(inactive, order_key, inf), /*stable=*/true, 0, false));
-
-  const at::Tensor slot_paired = pos.lt(n_cand).logical_and(pos.lt(n_inactive));
-  const at::Tensor newly_used = at::zeros_like(used).scatter(0, donor_order, slot_paired);
-
-  const at::Tensor spent = active.logical_and(used.logical_or(newly_used));
-  const at::Tensor n_spent = spent.sum();
-  const at::Tensor spent_list = std::get<1>(
-      at::sort(spent.logical_not().to(at::kByte), /*stable=*/true, 0, false));
-  at::Tensor r = at::floor(fallback_u * n_spent.to(at::kFloat)).to(at::kLong);
-  r = at::minimum(r, (n_spent - 1).clamp_min(0));
-  const at::Tensor fallback = spent_list.index_select(0, r);
-
-  const at::Tensor slot_donor = at::where(pos.lt(n_cand), donor_order, -1);
-  at::Tensor donor = at::empty_like(pos).scatter(0, target_order, slot_donor);
-  donor = at::where(donor.lt(0), fallback, donor);
-  donor = at::where(inactive.logical_and(active.any()), donor, -1);
-  return {donor, newly_used};
-}
 
 std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> reactivate_cuda(
     at::Tensor& weight, at::Tensor& used, const at::Tensor& order_key,
@@ -109,30 +75,14 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> reactivate_cuda(
   // summed over contiguous logical-order rows.
   const at::Tensor l1 = weight.reshape({n, k}).to(at::kFloat).contiguous().abs().sum(1);
 
-  const at::Tensor inactive = max_abs.le(static_cast<double>(static_cast<float>(threshold)));
-  const at::Tensor active = inactive.logical_not().logical_and(at::isfinite(l1));
-  const at::Tensor any_active = active.any();
-
-  // 2. pairing
-  at::Tensor reactivated;
-  at::Tensor donor;
-  float scale = 0.0f;
-  if (method == Method::kCraft) {
-    at::Tensor newly_used;
-    std::tie(donor, newly_used) = craft_donors(inactive, active, used, l1, order_key.view({n}),
-                                               fallback_u.view({n}));
-    reactivated = inactive.logical_and(any_active);
-    used.logical_or_(newly_used);
-  } else if (method == Method::kScaledGaussian) {
-    const at::Tensor source =
-        at::argmax(at::where(active, l1, -std::numeric_limits<double>::infinity()));
-    reactivated = inactive.logical_and(any_active);
-    donor = at::where(reactivated, source, -1);
-  } else {
-    reactivated = inactive.clone();  // outputs must not alias each other
-    donor = at::full({n}, -1, opts.dtype(at::kLong));
-    scale = static_cast<float>(std::sqrt(2.0 / static_cast<double>(k)));
-  }
+  // 2. pairing (ATen ops on the current stream)
+  const Pairing p = pair_filters(method, max_abs, l1, threshold, used, order_key.view({n}),
+                                 fallback_u.view({n}));
+  const at::Tensor& reactivated = p.reactivated;
+  const at::Tensor& donor = p.donor;
+  const float scale =
+      method == Method::kRandom ? static_cast<float>(std::sqrt(2.0 / static_cast<double>(k)))
+                                : 0.0f;
 
   // 3. rewrite the reactivated rows in place
   at::Tensor z;  // float32 [N, K], contiguous, in the element order of `rows`
@@ -155,7 +105,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> reactivate_cuda(
       });
   if (!wr.is_view) weight.copy_(rows.view(weight.sizes()));
 
-  return {inactive, reactivated, donor, reactivated.sum()};
+  return {p.inactive, reactivated, donor, reactivated.sum()};
 }
 
 }  // namespace
