@@ -8,10 +8,21 @@
 
 #include <ATen/ATen.h>
 #include <ATen/Dispatch.h>
+#include <torch/library.h>
+
+#ifndef CRAFT_EXT_HOST_EMULATION
 #include <c10/cuda/CUDAException.h>
 #include <c10/cuda/CUDAGuard.h>
 #include <c10/cuda/CUDAStream.h>
-#include <torch/library.h>
+#endif
+
+// Library and dispatch key the ops register under: craft_ext / CUDA. Only the CPU test build of
+// this glue (csrc/cuda/emulation/torch_glue_emulation.h, which also stands in for the c10::cuda
+// pieces above and runs the kernels on host threads) registers elsewhere.
+#ifndef CRAFT_EXT_OPS_LIBRARY
+#define CRAFT_EXT_OPS_LIBRARY craft_ext
+#define CRAFT_EXT_OPS_KEY CUDA
+#endif
 
 #include <cuda_bf16.h>
 #include <cuda_fp16.h>
@@ -60,7 +71,9 @@ inline WeightRows weight_rows(const at::Tensor& weight) {
 
 // Checks shared by the ops: a CUDA floating weight [N, ...] with N >= 0 and K >= 1.
 inline void check_weight(const at::Tensor& weight, const char* op) {
+#ifndef CRAFT_EXT_HOST_EMULATION
   TORCH_CHECK(weight.is_cuda(), "craft_ext::", op, " (CUDA): weight must be a CUDA tensor");
+#endif
   TORCH_CHECK(weight.dim() >= 2, "craft_ext::", op, ": weight must have at least 2 dims, got ",
               weight.dim());
   TORCH_CHECK(at::isFloatingType(weight.scalar_type()), "craft_ext::", op,

@@ -53,6 +53,6 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> filter_stats_cuda(
 }  // namespace cuda
 }  // namespace craft_ext
 
-TORCH_LIBRARY_IMPL(craft_ext, CUDA, m) {
+TORCH_LIBRARY_IMPL(CRAFT_EXT_OPS_LIBRARY, CRAFT_EXT_OPS_KEY, m) {  // craft_ext, CUDA
   m.impl("filter_stats", &craft_ext::cuda::filter_stats_cuda);
 }

@@ -112,6 +112,6 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> reactivate_cuda(
 }  // namespace cuda
 }  // namespace craft_ext
 
-TORCH_LIBRARY_IMPL(craft_ext, CUDA, m) {
+TORCH_LIBRARY_IMPL(CRAFT_EXT_OPS_LIBRARY, CRAFT_EXT_OPS_KEY, m) {  // craft_ext, CUDA
   m.impl("reactivate_", &craft_ext::cuda::reactivate_cuda);
 }
