@@ -1,8 +1,9 @@
 """The CUDA kernels (csrc/cuda) against the reference, without host syncs and in CUDA graphs.
 
 The tests marked ``cuda`` need a GPU and an extension built with CUDA; they skip otherwise.
-One CPU test compiles the device-agnostic pairing code of the CUDA backend
-(csrc/cuda/pairing.h, ATen only) and checks it against the reference without a GPU. Each one runs
+The ``test_emulated_*`` tests need no GPU: they compile csrc/cuda/*.cu, torch glue included, for
+CPU tensors with the kernels running under a host emulation of CUDA threads
+(csrc/cuda/emulation/), and check the result against the reference. Each GPU test runs
 under ``torch.cuda.set_sync_debug_mode("error")``, so any device-to-host synchronisation in the
 CUDA backend raises. Shapes cover both kernel configurations of filter_stats (one warp per
 filter for K <= 1024, one block per filter above), vectorised and scalar loads (K not a
@@ -283,70 +284,6 @@ def test_reactivate_in_cuda_graph(method):
 
 
 # ---------------------------------------------------------------------------------------------
-# pairing.h on CPU (no GPU needed): the ATen half of the CUDA reactivate_
-# ---------------------------------------------------------------------------------------------
-
-_PAIRING_WRAPPER = """
-#include <torch/extension.h>
-#include "pairing.h"
-
-std::tuple<at::Tensor, at::Tensor, at::Tensor> pair(
-    at::Tensor max_abs, at::Tensor l1, double threshold, at::Tensor used, at::Tensor order_key,
-    at::Tensor fallback_u, std::string method) {
-  auto p = craft_ext::cuda::pair_filters(craft_ext::parse_method(method), max_abs, l1,
-                                         threshold, used, order_key, fallback_u);
-  return {p.inactive, p.reactivated, p.donor};
-}
-"""
-
-
-@pytest.fixture(scope="module")
-def pairing_module():
-    """csrc/cuda/pairing.h compiled for CPU tensors (about a minute the first time)."""
-    if shutil.which("ninja") is None or shutil.which("c++") is None:
-        pytest.skip("needs ninja and a C++ compiler")
-    from torch.utils.cpp_extension import load_inline
-
-    return load_inline(
-        name="craft_ext_cuda_pairing_check",
-        cpp_sources=[_PAIRING_WRAPPER],
-        functions=["pair"],
-        extra_include_paths=[str(REPO / "csrc" / "cuda"), str(REPO / "csrc")],
-        extra_cflags=["-O1", "-std=c++17"],
-    )
-
-
-@pytest.mark.slow
-def test_pairing_matches_reference_on_cpu(pairing_module):
-    """inactive / reactivated / donor / used of pairing.h == reference.reactivate_ on CPU."""
-    g = torch.Generator().manual_seed(0)
-    cases = 0
-    for n in (1, 2, 5, 16, 33, 200):
-        for frac_inactive in (0.0, 0.3, 0.7, 1.0):
-            for used_frac in (0.0, 0.5, 1.0):
-                w = torch.randn(n, 9, generator=g) * 0.1
-                rows = torch.randperm(n, generator=g)[: round(frac_inactive * n)]
-                w[rows] *= 1e-3
-                if n > 4:
-                    w[n // 2, 3] = float("nan")  # neither inactive nor a donor
-                used0 = torch.rand(n, generator=g) < used_frac
-                key, u = torch.rand(n, generator=g), torch.rand(n, generator=g)
-                max_abs, l1, _, _ = reference.filter_stats(w)
-                for method in craft_ext.METHODS:
-                    noise = None if method == "craft" else torch.randn(w.shape, generator=g)
-                    used, used_ref = used0.clone(), used0.clone()
-                    got = pairing_module.pair(max_abs, l1, THR, used, key, u, method)
-                    want = reference.reactivate_(w.clone(), used_ref, key, u, noise, THR, method)
-                    for name, a, b in zip(
-                        ("inactive", "reactivated", "donor"), got, want[:3], strict=True
-                    ):
-                        assert torch.equal(a, b), (name, n, frac_inactive, used_frac, method)
-                    assert torch.equal(used, used_ref), (n, frac_inactive, used_frac, method)
-                    cases += 1
-    assert cases == 6 * 4 * 3 * 3
-
-
-# ---------------------------------------------------------------------------------------------
 # The whole CUDA backend (glue + kernels) on CPU, kernels under the host emulation
 # ---------------------------------------------------------------------------------------------
 
@@ -446,3 +383,28 @@ def test_emulated_reactivate_matches_reference(emulated_ops, dtype, method):
             assert torch.equal(w, w_ref), (shape, layout)
         if layout in ("row_slice", "channel_slice", "transposed"):  # wrote through to base
             assert torch.equal(w, layout_view(base, layout))
+
+
+@pytest.mark.slow
+def test_emulated_pairing_rules_match_reference(emulated_ops):
+    """Donors, spent donors and reactivated rows over many inactive / spent mixes, NaN rows."""
+    g = torch.Generator().manual_seed(0)
+    for n in (1, 2, 5, 16, 33):
+        for frac_inactive in (0.0, 0.3, 0.7, 1.0):
+            for used_frac in (0.0, 0.5, 1.0):
+                w0 = torch.randn(n, 9, generator=g) * 0.1
+                w0[torch.randperm(n, generator=g)[: round(frac_inactive * n)]] *= 1e-3
+                if n > 4:
+                    w0[n // 2, 3] = float("nan")  # neither inactive nor a donor
+                used0 = torch.rand(n, generator=g) < used_frac
+                key, u = torch.rand(n, generator=g), torch.rand(n, generator=g)
+                for method in craft_ext.METHODS:
+                    noise = None if method == "craft" else torch.randn(w0.shape, generator=g)
+                    w, used, w_ref, used_ref = w0.clone(), used0.clone(), w0.clone(), used0.clone()
+                    got = emulated_ops.reactivate_(w, used, key, u, noise, THR, method)
+                    want = reference.reactivate_(w_ref, used_ref, key, u, noise, THR, method)
+                    case = (n, frac_inactive, used_frac, method)
+                    for name, a, b in zip(FIELDS, got, want, strict=True):
+                        assert torch.equal(a, b), (name, *case)
+                    assert torch.equal(used, used_ref), case
+                    torch.testing.assert_close(w, w_ref, rtol=1e-6, atol=1e-6, equal_nan=True)

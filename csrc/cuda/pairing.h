@@ -1,9 +1,9 @@
 // Filter pairing of craft_ext::reactivate_ with ATen ops only (no kernels of its own, no host
 // synchronisation): which filters are inactive, which get reactivated and from which donor,
 // exactly as craft_ext/reference.py (reactivate_ and craft_donors; Bhatta et al., arXiv
-// 2312.00072, sec. 4.3). Device-agnostic, so tests/test_cuda_kernels.py also checks it against
-// the reference on CPU tensors without a GPU; csrc/cuda/reactivate.cu runs it on the current
-// CUDA stream.
+// 2312.00072, sec. 4.3). Device-agnostic: csrc/cuda/reactivate.cu runs it on the current CUDA
+// stream, and the CPU build of the backend in tests/test_cuda_kernels.py (kernels emulated)
+// checks it against the reference without a GPU.
 #pragma once
 
 #include <ATen/ATen.h>
