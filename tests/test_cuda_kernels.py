@@ -13,6 +13,7 @@ multiple of the vector width, misaligned storage) and the layouts handled by the
 from __future__ import annotations
 
 import contextlib
+import hashlib
 import shutil
 from collections.abc import Iterator, Sequence
 
@@ -331,7 +332,8 @@ def emulated_ops():
     from torch.utils.cpp_extension import load_inline
 
     load_inline(
-        name="craft_ext_cuda_emulated_ops",
+        # one build per checkout: concurrent runs from other checkouts must not swap sources
+        name=f"craft_ext_cuda_emulated_ops_{hashlib.sha1(str(REPO).encode()).hexdigest()[:10]}",
         cpp_sources=[_EMULATED_OPS],
         extra_include_paths=[str(REPO / "csrc" / "cuda"), str(REPO / "csrc"), include],
         extra_cflags=["-O1", "-std=c++20", "-pthread"],

@@ -18,6 +18,9 @@
 #      C++ computation: every dtype, warp and block paths, vector / scalar loads, row strides,
 #      misaligned bases, NaN / Inf rows, the three write methods. It checks the logic
 #      (indexing, reduction trees, barriers, launch configuration), not GPU behaviour.
+#      tests/test_cuda_kernels.py::test_emulated_* go one step further on CPU: they build the
+#      .cu files, torch glue included, under the same emulation and compare the ops with
+#      craft_ext/reference.py (layouts, dtypes, methods, pairing rules).
 #
 # What is NOT checked here:
 #   * linking the torch glue against libc10_cuda / libtorch_cuda (the CPU wheel has neither),
