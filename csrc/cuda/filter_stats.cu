@@ -1,0 +1,58 @@
+// CUDA kernel of craft_ext::filter_stats (schema in csrc/ops.cpp, semantics in
+// craft_ext/reference.py.filter_stats): per-filter max |w|, sum |w|, mean and population std of
+// weight [N, ...] seen as [N, K], each float32 [N]. Used by CRAFT (Bhatta et al., arXiv
+// 2312.00072) to find inactive filters and rank donors.
+//
+// One warp (K <= 1024) or one 256-thread block per filter, 16-byte vector loads where aligned,
+// double accumulators reduced by warp shuffles and shared memory (filter_stats_kernels.cuh).
+// Any layout: the kernel reads the filter_rows_view of the weight (channels_last, row slices,
+// transposed inner dims need no copy); filters that are not dense blocks are copied first.
+// Runs on the current stream without host synchronisation.
+
+#include "cuda_glue.cuh"
+#include "filter_stats_kernels.cuh"
+
+namespace craft_ext {
+namespace cuda {
+
+void filter_stats_rows(const at::Tensor& rows, at::Tensor& max_abs, at::Tensor& l1,
+                       at::Tensor& mean, at::Tensor& stdv) {
+  const int64_t n = rows.size(0);
+  const int64_t k = rows.size(1);
+  TORCH_INTERNAL_ASSERT(rows.dim() == 2 && (k <= 1 || rows.stride(1) == 1));
+  const int64_t row_stride = n > 1 ? rows.stride(0) : k;
+  const cudaStream_t stream = c10::cuda::getCurrentCUDAStream();
+  AT_DISPATCH_FLOATING_TYPES_AND2(
+      at::ScalarType::Half, at::ScalarType::BFloat16, rows.scalar_type(), "filter_stats_cuda",
+      [&] {
+        launch_filter_stats(
+            device_ptr<scalar_t>(rows), n, k, row_stride, max_abs.data_ptr<float>(),
+            l1.data_ptr<float>(), mean.data_ptr<float>(), stdv.data_ptr<float>(), stream);
+        C10_CUDA_KERNEL_LAUNCH_CHECK();
+      });
+}
+
+namespace {
+
+std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> filter_stats_cuda(
+    const at::Tensor& weight) {
+  check_weight(weight, "filter_stats");
+  const c10::cuda::CUDAGuard guard(weight.device());
+  const int64_t n = weight.size(0);
+  const auto opts = weight.options().dtype(at::kFloat);
+  at::Tensor max_abs = at::empty({n}, opts);
+  at::Tensor l1 = at::empty({n}, opts);
+  at::Tensor mean = at::empty({n}, opts);
+  at::Tensor stdv = at::empty({n}, opts);
+  if (n > 0) filter_stats_rows(weight_rows(weight).rows, max_abs, l1, mean, stdv);
+  return {max_abs, l1, mean, stdv};
+}
+
+}  // namespace
+
+}  // namespace cuda
+}  // namespace craft_ext
+
+TORCH_LIBRARY_IMPL(CRAFT_EXT_OPS_LIBRARY, CRAFT_EXT_OPS_KEY, m) {  // craft_ext, CUDA
+  m.impl("filter_stats", &craft_ext::cuda::filter_stats_cuda);
+}
