@@ -367,6 +367,9 @@ class Trainer:
             num_workers=self.cfg.workers,
             collate_fn=_collate,
             pin_memory=self.device.type == "cuda",
+            # the loader's own seed source: creating an iterator must not draw from the global
+            # RNG (dropout's), or a run resumed mid-epoch would diverge from an unbroken one
+            generator=torch.Generator().manual_seed(self.cfg.seed * 1_000_003 + self.epoch),
         )
 
     def train_step(self, images: Tensor, labels: Tensor) -> Tensor:
@@ -445,14 +448,17 @@ class Trainer:
             "config": self.cfg.to_dict(),
         }
 
-    def save(self, name: str = "checkpoint_last.pt") -> Path | None:
-        """Write a checkpoint atomically (rank 0); returns its path."""
+    def save(self, name: str = "checkpoint_last.pt", *, also_best: bool = False) -> Path | None:
+        """Write a checkpoint atomically (rank 0; collective: call on every rank); returns its
+        path. ``also_best`` (read on rank 0 only) also writes ``checkpoint_best.pt``."""
         state = self._state()
         if not self.is_main:
             return None
         path = atomic_save(state, self.out / name)
         if name == "checkpoint_last.pt":
             self.last_good_checkpoint = path
+        if also_best:
+            atomic_save(state, self.out / "checkpoint_best.pt")
         return path
 
     def _load(self, where: str) -> None:
@@ -605,9 +611,9 @@ class Trainer:
         improved = bool(accuracies) and metrics[accuracies[0]] > self.best.get(accuracies[0], -1.0)
         for key in accuracies:
             self.best[key] = max(metrics[key], self.best.get(key, -1.0))
-        self.save()
-        if improved:  # the first --val set decides which checkpoint is best
-            self.save("checkpoint_best.pt")
+        # verification runs on rank 0 only, so only rank 0 knows whether this epoch improved:
+        # gather the (collective) state once on every rank, then write last (and best)
+        self.save(also_best=improved)  # the first --val set decides which checkpoint is best
 
     def _summary(self) -> dict[str, Any]:
         return {
