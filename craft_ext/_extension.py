@@ -50,8 +50,8 @@ def has_kernel(op: str, dispatch_key: str) -> bool:
     Kernels are registered when ``craft_ext._C`` is imported, so under ``torch.compile`` the
     answer is a constant of the trace.
     """
-    if not _EXTENSION_LOADED:
-        return False
+    if not _EXTENSION_LOADED or not torch._C._dispatch_has_kernel(f"craft_ext::{op}"):
+        return False  # no compiled schema for this op (e.g. a Triton/torch-only op)
     return torch._C._dispatch_has_kernel_for_dispatch_key(f"craft_ext::{op}", dispatch_key)
 
 

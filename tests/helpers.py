@@ -55,3 +55,20 @@ def require_backend(device: str, backend: str, op: str) -> None:
 def lfw_path() -> Path:
     """Where the LFW 112x112 data set is expected: ``$CRAFT_LFW_DIR`` or beside the checkout."""
     return Path(os.environ.get("CRAFT_LFW_DIR", REPO.parent / "shared" / "data" / "lfw112"))
+
+
+def spawn(fn, args: tuple, nprocs: int = 2, deadline_s: float = 300.0) -> None:
+    """``torch.multiprocessing.spawn`` that fails (instead of hanging CI) when the workers have
+    not all finished within ``deadline_s`` seconds; a worker's error is re-raised as usual."""
+    import time
+
+    import torch.multiprocessing as mp
+
+    ctx = mp.start_processes(fn, args=args, nprocs=nprocs, join=False, start_method="spawn")
+    end = time.monotonic() + deadline_s
+    while not ctx.join(timeout=5):
+        if time.monotonic() > end:
+            for p in ctx.processes:
+                if p.is_alive():
+                    p.kill()
+            pytest.fail(f"distributed workers did not finish within {deadline_s:.0f} s")

@@ -5,12 +5,12 @@ from __future__ import annotations
 import importlib
 import io
 import os
-import socket
 import textwrap
 
 import helpers  # noqa: F401  (test environment)
 import pytest
 import torch
+from helpers import spawn
 from torch import nn
 from torch.utils._python_dispatch import TorchDispatchMode
 
@@ -391,6 +391,7 @@ def test_cuda_step_no_sync_and_graph_capture():
 
 DDP_WORKER = textwrap.dedent(
     """
+    import datetime
     import os
 
     import torch
@@ -400,9 +401,14 @@ DDP_WORKER = textwrap.dedent(
     import craft_ext
 
 
-    def worker(rank, world, port, out):
-        os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port))
-        dist.init_process_group("gloo", rank=rank, world_size=world)
+    def worker(rank, world, init_file, out):
+        dist.init_process_group(
+            "gloo",
+            init_method="file://" + init_file,
+            rank=rank,
+            world_size=world,
+            timeout=datetime.timedelta(seconds=120),
+        )
         torch.set_num_threads(1)
         torch.manual_seed(0)
         model = nn.Sequential(nn.Conv2d(3, 16, 3, padding=1), nn.ReLU(), nn.Conv2d(16, 4, 3))
@@ -438,15 +444,12 @@ DDP_WORKER = textwrap.dedent(
 def test_ddp_ranks_end_identical(tmp_path, monkeypatch):
     """2 ranks (torch.multiprocessing.spawn, gloo on CPU) end with identical weights, momentum
     and donor masks; the default seed differs per rank and is broadcast from rank 0."""
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        port = s.getsockname()[1]
     module = f"craft_ddp_worker_{os.getpid()}"
     (tmp_path / f"{module}.py").write_text(DDP_WORKER)
     monkeypatch.syspath_prepend(str(tmp_path))  # spawned children inherit sys.path
     monkeypatch.setenv("OMP_NUM_THREADS", "1")
     worker = importlib.import_module(module).worker
-    torch.multiprocessing.spawn(worker, args=(2, port, str(tmp_path)), nprocs=2, join=True)
+    spawn(worker, args=(2, str(tmp_path / "store"), str(tmp_path)))
     r0 = torch.load(tmp_path / "rank0.pt", weights_only=True)
     r1 = torch.load(tmp_path / "rank1.pt", weights_only=True)
     for key in ("weight", "momentum", "used"):

@@ -9,7 +9,7 @@ from pathlib import Path
 
 import pytest
 import torch
-import torch.multiprocessing as mp
+from helpers import spawn
 
 from craft_ext.checkpoint import load_checkpoint
 from craft_ext.train import EpochBatches, Trainer, TrainingDiverged, parse_config
@@ -172,7 +172,7 @@ def _ddp_worker(rank: int, world: int, port: int, out: str) -> None:
 
 
 def test_ddp_two_processes_end_identical(tmp_path):
-    mp.spawn(_ddp_worker, args=(2, _free_port(), str(tmp_path)), nprocs=2, join=True)
+    spawn(_ddp_worker, args=(2, _free_port(), str(tmp_path)))
     r0 = torch.load(tmp_path / "rank0.pt", weights_only=True)
     r1 = torch.load(tmp_path / "rank1.pt", weights_only=True)
     # parameters (and so the reactivated filters) are identical on every rank; BN running
