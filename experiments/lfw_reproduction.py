@@ -44,7 +44,14 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--methods", nargs="+", default=list(METHODS), choices=METHODS)
     p.add_argument("--seeds", nargs="+", type=int, default=[0, 1, 2])
     p.add_argument("--network", default="r18")
-    p.add_argument("--width", type=float, default=0.25, help="stage width multiplier")
+    p.add_argument(
+        "--widths",
+        type=int,
+        nargs=4,
+        default=[32, 32, 64, 128],
+        help="iresnet stage widths (the first is the number of first-layer filters)",
+    )
+    p.add_argument("--image-size", type=int, default=56, help="training/verification size")
     p.add_argument("--epochs", type=int, default=6)
     p.add_argument("--batch-size", type=int, default=64)
     p.add_argument("--lr", type=float, default=0.1)
@@ -63,7 +70,8 @@ def train_args(args: argparse.Namespace, method: str, seed: int, out: Path) -> l
         "--min-images", str(args.min_images),
         "--val", f"{data / 'pairsDevTest.txt'}:{data / 'images'}",
         "--network", args.network,
-        "--width", str(args.width),
+        "--widths", *map(str, args.widths),
+        "--image-size", str(args.image_size),
         "--epochs", str(args.epochs),
         "--batch-size", str(args.batch_size),
         "--lr", str(args.lr),
@@ -75,7 +83,7 @@ def train_args(args: argparse.Namespace, method: str, seed: int, out: Path) -> l
         "--no-progress",
     ]  # fmt: skip
     if args.quick:
-        argv += ["--max-steps", "4", "--epochs", "2", "--log-every", "1"]
+        argv += ["--min-images", "40", "--epochs", "1", "--log-every", "1"]
     return argv
 
 
@@ -92,7 +100,7 @@ def run_one(args: argparse.Namespace, method: str, seed: int) -> dict[str, Any]:
     backbone = out / "backbone.pth"
     cen = analysis.census(backbone)
     pat = analysis.filter_patterns(backbone)
-    final = summary["epochs"][-1]
+    final = summary["epochs"][-1] if summary["epochs"] else {}
     acc_keys = [k for k in final if k.endswith("/accuracy")]
     return {
         "method": method,
@@ -129,8 +137,9 @@ def aggregate(rows: list[dict[str, Any]]) -> list[dict[str, Any]]:
 
 def markdown(table: list[dict[str, Any]], meta: dict[str, Any]) -> str:
     lines = [
-        f"LFW View-1 ({meta['identities']}), {meta['network']} width {meta['width']}, "
-        f"{meta['epochs']} epochs, seeds {meta['seeds']}; mean ± std over seeds.",
+        f"LFW View-1 ({meta['identities']}), {meta['network']} widths {meta['widths']} at "
+        f"{meta['image_size']}x{meta['image_size']}, {meta['epochs']} epochs, "
+        f"seeds {meta['seeds']}; mean ± std over seeds.",
         "",
         "| reactivation | inactive (1e-3) | inactive (1e-6) | reactivated | "
         "pairsDevTest accuracy | filter patterns |",
@@ -187,7 +196,8 @@ def main(argv: list[str] | None = None) -> int:
     meta = {
         "identities": f"peopleDevTrain.txt, >= {args.min_images} images each",
         "network": args.network,
-        "width": args.width,
+        "widths": args.widths,
+        "image_size": args.image_size,
         "epochs": args.epochs,
         "batch_size": args.batch_size,
         "lr": args.lr,
