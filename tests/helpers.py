@@ -60,11 +60,21 @@ def lfw_path() -> Path:
 def spawn(fn, args: tuple, nprocs: int = 2, deadline_s: float = 300.0) -> None:
     """``torch.multiprocessing.spawn`` that fails (instead of hanging CI) when the workers have
     not all finished within ``deadline_s`` seconds; a worker's error is re-raised as usual."""
+    import sys
     import time
 
     import torch.multiprocessing as mp
 
-    ctx = mp.start_processes(fn, args=args, nprocs=nprocs, join=False, start_method="spawn")
+    # workers unpickle ``fn`` by module name (``tests.test_x`` under --import-mode=importlib):
+    # spawned children get the parent's sys.path, so make the checkout importable there
+    added = str(REPO) not in sys.path
+    if added:
+        sys.path.append(str(REPO))
+    try:
+        ctx = mp.start_processes(fn, args=args, nprocs=nprocs, join=False, start_method="spawn")
+    finally:
+        if added:
+            sys.path.remove(str(REPO))
     end = time.monotonic() + deadline_s
     while not ctx.join(timeout=5):
         if time.monotonic() > end:
