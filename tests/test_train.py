@@ -172,16 +172,17 @@ def _ddp_worker(rank: int, world: int, port: int, out: str) -> None:
 
 
 def test_ddp_two_processes_end_identical(tmp_path):
-    spawn(_ddp_worker, args=(2, _free_port(), str(tmp_path)))
-    r0 = torch.load(tmp_path / "rank0.pt", weights_only=True)
-    r1 = torch.load(tmp_path / "rank1.pt", weights_only=True)
+    spawn(_ddp_worker, args=lambda attempt: (2, _free_port(), str(tmp_path / f"try{attempt}")))
+    out = sorted(tmp_path.glob("try*"))[-1]  # the attempt that finished
+    r0 = torch.load(out / "rank0.pt", weights_only=True)
+    r1 = torch.load(out / "rank1.pt", weights_only=True)
     # parameters (and so the reactivated filters) are identical on every rank; BN running
     # statistics are each rank's own until DDP broadcasts rank 0's at the next forward
     for key in r0["backbone"]:
         if "running_" in key or "num_batches_tracked" in key:
             continue
         assert torch.equal(r0["backbone"][key], r1["backbone"][key]), key
-    events = read_jsonl(tmp_path / "run" / "reactivations.jsonl")
+    events = read_jsonl(out / "run" / "reactivations.jsonl")
     assert sum(len(e["filters"]) for e in events) == 5
 
 
