@@ -297,3 +297,43 @@ class PartialFC(nn.Module):
             f"sample_rate={self.sample_rate}, world_size={self.world_size}, rank={self.rank}, "
             f"classes=[{self.class_start}, {self.class_end})"
         )
+
+
+def margin_sgd_steps(
+    model: nn.Module,
+    head: nn.Module,
+    loss_fn: Callable[[Tensor, Tensor], Tensor],
+    data: Any,
+    steps: int,
+    *,
+    lr: float,
+    momentum: float = 0.9,
+    weight_decay: float = 5e-4,
+) -> list[Tensor]:
+    """Train ``model`` (images -> embeddings) and ``head`` for ``steps`` SGD steps over ``data``.
+
+    ``data`` is a re-iterable of ``(images, labels)`` batches (list, DataLoader), cycled. A
+    fresh SGD optimizer holds the trainable parameters of both (build it after pruning or
+    masking, hence here). ``loss_fn(head(model(x)), y)`` is minimised, e.g.
+    :class:`CombinedMarginLoss` on a :class:`NormalizedFC`. Returns every step's loss,
+    detached, on the device (nothing is read back to the host).
+    """
+    device = next(model.parameters()).device
+    head.to(device)
+    params = [p for p in [*model.parameters(), *head.parameters()] if p.requires_grad]
+    opt = torch.optim.SGD(params, lr=lr, momentum=momentum, weight_decay=weight_decay)
+    model.train()
+    losses: list[Tensor] = []
+    while len(losses) < steps:
+        before = len(losses)
+        for images, labels in data:
+            loss = loss_fn(head(model(images.to(device))), labels.to(device))
+            opt.zero_grad(set_to_none=True)
+            loss.backward()
+            opt.step()
+            losses.append(loss.detach())
+            if len(losses) >= steps:
+                break
+        if len(losses) == before:
+            raise ValueError("training data yielded no batches")
+    return losses

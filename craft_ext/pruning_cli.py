@@ -31,7 +31,7 @@ from .checkpoint import load_checkpoint
 from .data.folder import ImageFolderDataset
 from .data.synthetic import SyntheticFaceDataset
 from .data.transforms import eval_transform, train_transform
-from .heads import NormalizedFC
+from .heads import NormalizedFC, margin_sgd_steps
 from .losses import CombinedMarginLoss
 from .models import get_model, infer_network
 from .pruning import find_prunable, load_pruned, profile, prune, save_pruned
@@ -139,27 +139,22 @@ def finetune(
     pruning, so it holds the pruned parameters).
     """
     torch.manual_seed(seed)
-    device = torch.device(device)
-    backbone.to(device).train()
+    backbone.to(torch.device(device))
     num_features = int(getattr(backbone, "num_features", 512))
-    head = NormalizedFC(num_features, num_classes).to(device)
-    loss_fn = CombinedMarginLoss(scale, *margins)
-    params = [p for p in backbone.parameters() if p.requires_grad] + list(head.parameters())
-    opt = torch.optim.SGD(params, lr=lr, momentum=momentum, weight_decay=weight_decay)
+    head = NormalizedFC(num_features, num_classes)
     loader = torch.utils.data.DataLoader(dataset, batch_size=batch_size, shuffle=True)
-    losses: list[float] = []
-    while len(losses) < steps:
-        for images, labels in loader:
-            if len(losses) >= steps:
-                break
-            images, labels = images.to(device), labels.to(device)
-            loss = loss_fn(head(backbone(images)), labels)
-            opt.zero_grad(set_to_none=True)
-            loss.backward()
-            opt.step()
-            losses.append(float(loss.detach()))
+    losses = margin_sgd_steps(
+        backbone,
+        head,
+        CombinedMarginLoss(scale, *margins),
+        loader,
+        steps,
+        lr=lr,
+        momentum=momentum,
+        weight_decay=weight_decay,
+    )
     backbone.eval()
-    return losses
+    return torch.stack(losses).tolist()
 
 
 def main(argv: list[str] | None = None) -> int:

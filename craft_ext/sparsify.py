@@ -574,34 +574,17 @@ def make_retrain_fn(
     :class:`~craft_ext.losses.CombinedMarginLoss` ``(s, m1, m2, m3) = margin`` (CosFace by
     default). The head persists across calls. Returns the last loss (a tensor, not read back).
     """
-    from .heads import NormalizedFC
+    from .heads import NormalizedFC, margin_sgd_steps
     from .losses import CombinedMarginLoss
 
     head = NormalizedFC(embedding_size, num_classes)
     loss_fn = CombinedMarginLoss(*margin)
 
     def retrain(model: nn.Module, layer: str = "") -> Tensor | None:
-        device = next(model.parameters()).device
-        head.to(device)
-        params = list(model.parameters()) + list(head.parameters())
-        opt = torch.optim.SGD(params, lr=lr, momentum=momentum, weight_decay=weight_decay)
-        model.train()
-        loss = None
-        done = 0
-        while done < steps:
-            progressed = False
-            for images, labels in data:
-                loss = loss_fn(head(model(images.to(device))), labels.to(device))
-                opt.zero_grad(set_to_none=True)
-                loss.backward()
-                opt.step()
-                done += 1
-                progressed = True
-                if done >= steps:
-                    break
-            if not progressed:
-                raise ValueError("retraining data yielded no batches")
-        return None if loss is None else loss.detach()
+        losses = margin_sgd_steps(
+            model, head, loss_fn, data, steps, lr=lr, momentum=momentum, weight_decay=weight_decay
+        )
+        return losses[-1] if losses else None
 
     return retrain
 
