@@ -7,7 +7,7 @@ on a small conv stack on CPU, within 5% of ``SGD(fused=True)`` on r50-sized para
 
 ``extra_info["ratio_vs_sgd"]`` is the median over interleaved rounds of
 ``t(ReactivatingSGD.step) / t(SGD.step)`` (interleaving cancels load drifts on a shared
-machine; on CPU t is process CPU time, see ``_timer``). The GPU case also checks that a step
+machine; t is wall time, see ``_timer``). The GPU case also checks that a step
 never synchronises with the host (``torch.cuda.set_sync_debug_mode("error")``) and that a
 step can be captured in a CUDA graph and replayed.
 """
@@ -68,9 +68,13 @@ def _setup(device: str, kind: str) -> tuple[torch.optim.Optimizer, nn.Module]:
 
 
 def _timer(device: str, fn: Callable[[], object], reps: int) -> float:
-    """Seconds per call: wall time on CUDA, this process's CPU time on CPU (robust to other
-    processes sharing the cores; both optimizers are timed the same way)."""
-    clock = time.perf_counter if device == "cuda" else time.process_time
+    """Wall seconds per call (after a device synchronisation on CUDA).
+
+    Not process CPU time: with 2+ intra-op threads, ATen's OpenMP workers spin-wait after each
+    parallel region, and that spinning is charged to whatever code runs next (here, randomly,
+    to one optimizer or the other), which made CPU-time ratios bimodal (1.1x or 3.3x in
+    different processes for the same code)."""
+    clock = time.perf_counter
     if device == "cuda":
         torch.cuda.synchronize()
     t0 = clock()

@@ -28,6 +28,7 @@ from __future__ import annotations
 
 import contextlib
 import contextvars
+import functools
 import math
 import os
 from collections.abc import Callable, Iterator
@@ -101,12 +102,12 @@ def _check_backend_name(name: object, arg: str) -> None:
         raise ValueError(f"{arg} must be one of {BACKENDS}, got {name!r}")
 
 
-def _triton_usable(device: torch.device) -> bool:
+def _triton_usable(device: torch.device, interpret: bool) -> bool:
     if KERNELS is None:
         return False
     if device.type == "cuda":
         return True
-    return device.type == "cpu" and os.environ.get("TRITON_INTERPRET", "") == "1"
+    return device.type == "cpu" and interpret
 
 
 def _triton_name(op: str) -> str:
@@ -117,15 +118,23 @@ def _triton_name(op: str) -> str:
 def available_backends(device: torch.device | str, op: str = "filter_stats") -> list[str]:
     """Backends that can run ``op`` on ``device`` in this process (never includes ``auto``)."""
     device = torch.device(device)
+    return list(_available(device.type, op, os.environ.get("TRITON_INTERPRET", "") == "1"))
+
+
+@functools.cache
+def _available(device_type: str, op: str, interpret: bool) -> tuple[str, ...]:
+    """:func:`available_backends`, cached: kernels are registered once, at import (the answer
+    depends only on the device type, the op and ``$TRITON_INTERPRET``)."""
+    device = torch.device(device_type)
     out = []
     if device.type == "cpu" and has_kernel(op, "CPU"):
         out.append("cpp")
     if device.type == "cuda" and has_kernel(op, "CUDA"):
         out.append("cuda")
-    if _triton_usable(device) and hasattr(torch.ops.craft_ext, _triton_name(op)):
+    if _triton_usable(device, interpret) and hasattr(torch.ops.craft_ext, _triton_name(op)):
         out.append("triton")
     out.append("reference")
-    return out
+    return tuple(out)
 
 
 def resolve_backend(device: torch.device, op: str, backend: str | None = None) -> str:
@@ -134,9 +143,10 @@ def resolve_backend(device: torch.device, op: str, backend: str | None = None) -
     ``backend`` (else :func:`use_backend`'s, else ``$CRAFT_EXT_BACKEND``, else ``"auto"``).
     An explicitly requested backend that cannot run here raises ``RuntimeError``.
     """
-    requested = backend or _BACKEND_OVERRIDE.get() or os.environ.get("CRAFT_EXT_BACKEND") or "auto"
-    _check_backend_name(requested, "backend")
-    usable = available_backends(device, op)
+    requested = _requested_backend(backend)
+    if requested not in BACKENDS:
+        _check_backend_name(requested, "backend")
+    usable = _available(device.type, op, os.environ.get("TRITON_INTERPRET", "") == "1")
     if requested == "auto":
         # interpreted Triton on CPU (TRITON_INTERPRET=1) is for testing, never chosen by auto
         return next(b for b in usable if not (b == "triton" and device.type == "cpu"))
@@ -150,7 +160,7 @@ def resolve_backend(device: torch.device, op: str, backend: str | None = None) -
         }[requested]
         raise RuntimeError(
             f"craft_ext: backend {requested!r} cannot run {op} on {device.type} here: {why}. "
-            f"Available: {usable}"
+            f"Available: {list(usable)}"
         )
     return requested
 
@@ -193,6 +203,16 @@ def _check_used(used: object, weight: Tensor) -> None:
         raise ValueError(
             f"used must be a bool tensor of shape ({n},) on {weight.device}, got "
             f"{used.dtype} of shape {tuple(used.shape)} on {used.device}"
+        )
+
+
+def _check_total(total: object, weight: Tensor) -> None:
+    if not isinstance(total, Tensor):
+        raise TypeError(f"total must be a torch.Tensor, got {type(total).__name__}")
+    if total.dtype != torch.int64 or total.numel() != 1 or total.device != weight.device:
+        raise ValueError(
+            f"total must be an int64 tensor with one element on {weight.device}, got "
+            f"{total.dtype} of shape {tuple(total.shape)} on {total.device}"
         )
 
 
@@ -256,6 +276,24 @@ def _reactivate_impl(backend: str) -> Callable[..., tuple[Tensor, ...]]:
     return reference.reactivate_
 
 
+def _requested_backend(backend: str | None) -> str:
+    """The backend asked for: the argument, else :func:`use_backend`'s, else the environment."""
+    return backend or _BACKEND_OVERRIDE.get() or os.environ.get("CRAFT_EXT_BACKEND") or "auto"
+
+
+@functools.cache
+def _resolve_cached(device_type: str, op: str, requested: str, interpret: bool) -> str:
+    """:func:`resolve_backend` for a device type, cached (fixed once the kernels are registered
+    at import; ``interpret`` is ``$TRITON_INTERPRET == "1"``). Errors are raised, not cached.
+    For the per-step calls of :class:`craft_ext.Reactivator`."""
+    return resolve_backend(torch.device(device_type), op, requested)
+
+
+def _resolve_fast(device: torch.device, op: str, backend: str | None) -> str:
+    interpret = os.environ.get("TRITON_INTERPRET", "") == "1"
+    return _resolve_cached(device.type, op, _requested_backend(backend), interpret)
+
+
 def reactivate_(
     weight: Tensor,
     *,
@@ -310,19 +348,67 @@ def reactivate_(
     _check_generator(generator, weight.device)
     if not torch.compiler.is_compiling() and torch._debug_has_internal_overlap(weight) == 1:
         raise ValueError("weight has overlapping memory (e.g. expand()); cannot modify in place")
-    impl = _reactivate_impl(resolve_backend(weight.device, "reactivate_", backend))
-
-    n, device = weight.shape[0], weight.device
     if used is None:
-        used = torch.zeros(n, dtype=torch.bool, device=device)
-    order_key = torch.rand(n, generator=generator, device=device)
-    fallback_u = torch.rand(n, generator=generator, device=device)
-    noise = None
-    if method != "craft":
-        noise = torch.randn(weight.shape, generator=generator, device=device)
+        used = torch.zeros(weight.shape[0], dtype=torch.bool, device=weight.device)
     with torch.no_grad():
-        out = impl(weight, used, order_key, fallback_u, noise, threshold, method)
+        return _reactivate_checked(weight, used, generator, method, threshold, backend)
+
+
+def _reactivate_checked(
+    weight: Tensor,
+    used: Tensor,
+    generator: torch.Generator | None,
+    method: str,
+    threshold: float,
+    backend: str | None,
+) -> Reactivation:
+    """:func:`reactivate_` after validation (callers check the arguments and disable grad):
+    the random draws, then the backend's operator. :class:`craft_ext.Reactivator` calls this
+    directly for the weights it validated once, at construction."""
+    impl = _reactivate_impl(_resolve_fast(weight.device, "reactivate_", backend))
+    order_key, fallback_u, noise = reference.reactivation_inputs(weight, generator, method)
+    return Reactivation(*impl(weight, used, order_key, fallback_u, noise, threshold, method))
+
+
+def _reactivate_and_reset_checked(
+    weight: Tensor,
+    used: Tensor,
+    total: Tensor,
+    state: list[Tensor],
+    generator: torch.Generator | None,
+    method: str,
+    threshold: float,
+    backend: str | None,
+) -> Reactivation:
+    """:func:`craft_ext.reference.reactivate_and_reset_` with the backend's ``reactivate_``
+    (callers validate and disable grad; ``state`` holds tensors only). On CPU with the compiled
+    extension it is one C++ call (``craft_ext::reactivate_and_reset_``, same draws, same
+    results): the per-step path of :class:`craft_ext.Reactivator` with ``interval=1``."""
+    name = _resolve_fast(weight.device, "reactivate_", backend)
+    if name == "cpp" and _fused_cpu():
+        out = torch.ops.craft_ext.reactivate_and_reset_.default(
+            weight, used, total, state, generator, threshold, method
+        )  # checks used / total / generator against weight in C++
+    else:
+        _check_used(used, weight)
+        _check_total(total, weight)
+        _check_generator(generator, weight.device)
+        out = reference.reactivate_and_reset_(
+            weight,
+            used,
+            total,
+            state,
+            generator,
+            threshold,
+            method,
+            reactivate=_reactivate_impl(name),
+        )
     return Reactivation(*out)
+
+
+@functools.cache
+def _fused_cpu() -> bool:
+    return has_kernel("reactivate_and_reset_", "CPU")
 
 
 # --------------------------------------------------------------------------------------------
@@ -456,17 +542,23 @@ def _fake_feature_map_stats(
     )
 
 
+def _fake_reactivate_and_reset(weight: Tensor, *_: object) -> tuple[Tensor, Tensor, Tensor, Tensor]:
+    """Outputs of reactivate_and_reset_ (its other arguments do not shape them)."""
+    return _fake_reactivate(weight, weight, weight, weight, None, 0.0, "craft")
+
+
 _FAKES: dict[str, Callable[..., object]] = {
     "feature_map_stats": _fake_feature_map_stats,
     "filter_stats": _fake_filter_stats,
     "reactivate_": _fake_reactivate,
+    "reactivate_and_reset_": _fake_reactivate_and_reset,
 }
 
 
 def _register_fakes() -> None:
     for name, fake in _FAKES.items():
         qualnames = []
-        if extension_loaded():
+        if extension_loaded() and torch._C._dispatch_has_kernel(f"craft_ext::{name}"):
             qualnames.append(f"craft_ext::{name}")
         triton_name = _triton_name(name)
         if hasattr(torch.ops.craft_ext, triton_name):

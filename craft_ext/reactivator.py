@@ -37,7 +37,17 @@ from typing import Any, NamedTuple
 import torch
 from torch import Tensor, nn
 
-from .ops import _FLOAT_DTYPES, METHODS, Reactivation, _check_threshold, reactivate_
+from .ops import (
+    _FLOAT_DTYPES,
+    METHODS,
+    Reactivation,
+    _check_generator,
+    _check_threshold,
+    _check_total,
+    _check_used,
+    _check_weight,
+    _reactivate_and_reset_checked,
+)
 
 __all__ = ["ReactivationEvent", "Reactivator"]
 
@@ -238,7 +248,9 @@ class Reactivator:
         self.calls = 0  #: reactivations run
         self.interval: int | None = None
         self.optimizer: torch.optim.Optimizer | None = None
-        self._pending: list[_Pending] = []
+        self._pending: list[_Pending] = []  #: stacked records (and records loaded from a state)
+        #: the latest records, one event each: (seq, step, name, method, reactivated, donor)
+        self._recent: list[tuple[int, int, str, str, Tensor, Tensor]] = []
         self._seq = 0
         self._host_events: list[ReactivationEvent] = []
         self._handles: list[Any] = []
@@ -307,57 +319,70 @@ class Reactivator:
         ``reactivated`` and ``donor`` tensors are held (not copied) by the pending event until
         it is read, so do not modify them in place.
         """
-        out = [self._reactivate_one(i) for i in range(len(self.weights))]
+        # The hot path with interval=1: the weights were validated at construction, so this
+        # goes straight to the backend (on CPU one C++ call per weight; the backends check that
+        # used / total still match a weight that may have been moved since).
+        opt_state = self.optimizer.state if self.optimizer is not None else None
+        out = []
+        grad = torch.is_grad_enabled()
+        torch._C._set_grad_enabled(False)  # torch.no_grad() without its Python overhead
+        try:
+            for i, w in enumerate(self.weights):
+                state = opt_state.get(w) if opt_state is not None else None
+                bufs = [v for v in state.values() if isinstance(v, Tensor)] if state else []
+                res = _reactivate_and_reset_checked(
+                    w,
+                    self._used[i],
+                    self._total[i],
+                    bufs,
+                    self._weight_gens[i],
+                    self.method,
+                    self.threshold,
+                    None,
+                )
+                # inside CUDA-graph capture no event is recorded (replays would overwrite it)
+                if not (w.is_cuda and torch.cuda.is_current_stream_capturing()):
+                    self._record(self.names[i], res)
+                out.append(res)
+        finally:
+            torch._C._set_grad_enabled(grad)
         self.calls += 1
         return out
-
-    def _reactivate_one(self, i: int) -> Reactivation:
-        w = self.weights[i]
-        state = self.optimizer.state.get(w) if self.optimizer is not None else None
-        res = reactivate_and_reset(
-            w,
-            self._used[i],
-            self._total[i],
-            list(state.values()) if state else [],
-            method=self.method,
-            threshold=self.threshold,
-            generator=self._weight_gens[i],
-        )
-        if not _capturing(w):
-            self._record(self.names[i], res)
-        return res
 
     def _record(self, name: str, res: Reactivation) -> None:
         """Keep the event on the device (the op's outputs are fresh tensors: no copy)."""
         self._seq += 1
-        self._pending.append(
-            _Pending(
-                (self._seq,),
-                (self.steps,),
-                name,
-                self.method,
-                res.reactivated,
-                res.donor,
-            )
-        )
-        if len(self._pending) > _COMPACT_AT:
+        self._recent.append((self._seq, self.steps, name, self.method, res[1], res[2]))
+        if len(self._recent) > _COMPACT_AT:
             self._compact()
 
     def _compact(self) -> None:
-        """Stack pending records per (weight, method): a few device copies, no sync."""
-        groups: dict[tuple[str, str], list[_Pending]] = {}
-        for p in self._pending:
-            groups.setdefault((p.name, p.method), []).append(p)
-        self._pending = [
-            _Pending(
-                tuple(s for p in ps for s in p.seq),
-                tuple(s for p in ps for s in p.steps),
-                name,
-                method,
-                torch.cat([p.reactivated.view(len(p.seq), -1) for p in ps]),
-                torch.cat([p.donor.view(len(p.seq), -1) for p in ps]),
+        """Stack the recent single-event records per (weight, method) into [k, N] records.
+
+        A few device copies (``torch.stack``), no sync; records stacked before are kept as they
+        are, so each event is copied once however long the run (amortised O(1) per step).
+        """
+        groups: dict[tuple[str, str], list[tuple[int, int, str, str, Tensor, Tensor]]] = {}
+        for rec in self._recent:
+            groups.setdefault((rec[2], rec[3]), []).append(rec)
+        for (name, method), recs in groups.items():
+            self._pending.append(
+                _Pending(
+                    tuple(r[0] for r in recs),
+                    tuple(r[1] for r in recs),
+                    name,
+                    method,
+                    torch.stack([r[4] for r in recs]),
+                    torch.stack([r[5] for r in recs]),
+                )
             )
-            for (name, method), ps in groups.items()
+        self._recent = []
+
+    def _all_pending(self) -> list[_Pending]:
+        """Every record not yet read, stacked ones first (one-event records as [N] tensors)."""
+        return self._pending + [
+            _Pending((seq,), (step,), name, method, mask, donor)
+            for seq, step, name, method, mask, donor in self._recent
         ]
 
     @property
@@ -396,9 +421,10 @@ class Reactivator:
         return out
 
     def _flush(self) -> None:
-        if not self._pending:
+        pending = self._all_pending()
+        if not pending:
             return
-        pending, self._pending = self._pending, []
+        self._pending, self._recent = [], []
         masks = torch.cat([p.reactivated.reshape(-1).cpu() for p in pending])
         donors = torch.cat([p.donor.reshape(-1).to(torch.int64).cpu() for p in pending])
         found: list[tuple[int, ReactivationEvent]] = []
@@ -442,7 +468,7 @@ class Reactivator:
             "total": [t.clone() for t in self._total],
             "generators": {dev: g.get_state() for dev, g in self._generators.items()},
             "seq": self._seq,
-            "pending": [tuple(p) for p in self._pending],
+            "pending": [tuple(p) for p in self._all_pending()],
             "events": [tuple(e) for e in self._host_events],
         }
 
@@ -483,6 +509,7 @@ class Reactivator:
             self._pending.append(
                 _Pending(tuple(seq), tuple(steps), name, method, mask.to(dev), donor.to(dev))
             )
+        self._recent = []
         self._seq = int(state["seq"])
         self._host_events = [
             ReactivationEvent(int(s), n, m, list(f), list(d)) for s, n, m, f, d in state["events"]
@@ -528,36 +555,21 @@ def reactivate_and_reset(
     ``craft_ext.reactivate_(weight, used=used, generator=generator, ...)`` (in place; ``used``
     bool [N] updated), then rows i with ``reactivated[i]`` are zeroed in every tensor of
     ``state`` shaped like ``weight`` (the optimizer's per-parameter state values; others are
-    skipped), and ``total`` (int64 []) += the number reactivated. Device-side only: it traces
-    under ``torch.compile(fullgraph=True)`` with ``generator=None`` and ``backend="auto"``
-    (Dynamo cannot trace an explicit ``torch.Generator`` argument).
+    skipped), and ``total`` (int64 []) += the number reactivated (see
+    :func:`craft_ext.reference.reactivate_and_reset_`; on CPU one C++ call). Device-side only:
+    it traces under ``torch.compile(fullgraph=True)`` with ``generator=None`` and
+    ``backend="auto"`` (Dynamo cannot trace an explicit ``torch.Generator`` argument).
     """
+    _check_weight(weight)
+    _check_method(method)
+    threshold = _check_threshold(threshold)
+    _check_used(used, weight)
+    _check_generator(generator, weight.device)
+    _check_total(total, weight)
+    if not torch.compiler.is_compiling() and torch._debug_has_internal_overlap(weight) == 1:
+        raise ValueError("weight has overlapping memory (e.g. expand()); cannot modify in place")
+    bufs = [v for v in state if isinstance(v, Tensor)]
     with torch.no_grad():
-        res = reactivate_(
-            weight,
-            method=method,
-            threshold=threshold,
-            used=used,
-            generator=generator,
-            backend=backend,
+        return _reactivate_and_reset_checked(
+            weight, used, total, bufs, generator, method, threshold, backend
         )
-        _reset_rows(state, res.reactivated, weight)
-        total.add_(res.count)
-    return res
-
-
-def _reset_rows(values: Iterable[object], reactivated: Tensor, weight: Tensor) -> None:
-    """Zero rows ``i`` with ``reactivated[i]`` of every tensor in ``values`` shaped like weight.
-
-    ``buf.masked_fill_(mask.view(N, 1, ...), 0)``: a broadcast, device-side fill (no boolean
-    indexing, no sync); it also clears NaN/Inf, which a multiply by 0 would keep.
-    """
-    mask = reactivated.view(weight.shape[0], *([1] * (weight.dim() - 1)))
-    for buf in values:
-        if isinstance(buf, Tensor) and buf.shape == weight.shape and buf.device == weight.device:
-            buf.masked_fill_(mask, 0)
-
-
-def _capturing(weight: Tensor) -> bool:
-    """Inside CUDA-graph capture events are not recorded (replays would overwrite them)."""
-    return weight.device.type == "cuda" and torch.cuda.is_current_stream_capturing()

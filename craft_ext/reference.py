@@ -12,6 +12,7 @@ Signatures match the operator schemas in ``csrc/ops.cpp`` exactly.
 from __future__ import annotations
 
 import math
+from collections.abc import Callable
 
 import torch
 from torch import Tensor
@@ -19,6 +20,8 @@ from torch import Tensor
 __all__ = [
     "filter_stats",
     "reactivate_",
+    "reactivate_and_reset_",
+    "reactivation_inputs",
     "craft_donors",
     "kaiming_std",
     "feature_map_stats",
@@ -167,6 +170,57 @@ def reactivate_(
 
     weight.copy_(torch.where(reactivated[:, None], new, rows).view(weight.shape))
     return inactive, reactivated, donor, reactivated.sum()
+
+
+def reactivation_inputs(
+    weight: Tensor, generator: torch.Generator | None, method: str
+) -> tuple[Tensor, Tensor, Tensor | None]:
+    """The random inputs of :func:`reactivate_` drawn from ``generator``, in this order:
+    ``order_key = rand(N)``, ``fallback_u = rand(N)`` and, unless ``method == "craft"``,
+    ``noise = randn(weight.shape)``; all float32 on ``weight``'s device. Every caller (the
+    Python API, :func:`reactivate_and_reset_` and its C++ kernel) draws exactly these, so a
+    generator is consumed the same way whichever path runs."""
+    n, device = weight.shape[0], weight.device
+    order_key = torch.rand(n, generator=generator, device=device, dtype=torch.float32)
+    fallback_u = torch.rand(n, generator=generator, device=device, dtype=torch.float32)
+    noise = None
+    if method != "craft":
+        noise = torch.randn(weight.shape, generator=generator, device=device, dtype=torch.float32)
+    return order_key, fallback_u, noise
+
+
+def reactivate_and_reset_(
+    weight: Tensor,
+    used: Tensor,
+    total: Tensor,
+    state: list[Tensor],
+    generator: torch.Generator | None,
+    threshold: float,
+    method: str,
+    *,
+    reactivate: Callable[..., tuple[Tensor, ...]] | None = None,
+) -> tuple[Tensor, Tensor, Tensor, Tensor]:
+    """One reactivation as :class:`craft_ext.Reactivator` runs it after an optimizer step.
+
+    Draws :func:`reactivation_inputs`, runs ``reactivate`` (default :func:`reactivate_`; the
+    Python API passes the backend's operator), then for every reactivated filter i::
+
+        buf[i, ...] = 0     for every buf in ``state`` with buf.shape == weight.shape
+                            (and on weight's device; other tensors are left alone)
+        total += count
+
+    so that a new filter does not inherit the optimizer state (momentum, Adam moments) of the
+    dead filter it replaces. ``masked_fill_`` also clears NaN / Inf, which a multiply by 0
+    would keep. Returns :func:`reactivate_`'s ``(inactive, reactivated, donor, count)``.
+    """
+    order_key, fallback_u, noise = reactivation_inputs(weight, generator, method)
+    out = (reactivate or reactivate_)(weight, used, order_key, fallback_u, noise, threshold, method)
+    mask = out[1].view(weight.shape[0], *([1] * (weight.dim() - 1)))
+    for buf in state:
+        if buf.shape == weight.shape and buf.device == weight.device:
+            buf.masked_fill_(mask, 0)
+    total.add_(out[3])
+    return out  # type: ignore[return-value]
 
 
 def feature_map_stats(

@@ -14,12 +14,12 @@ namespace craft_ext {
 // Methods of reactivate_, as passed in the schema's `str method`.
 enum class Method { kCraft = 0, kScaledGaussian = 1, kRandom = 2 };
 
-inline Method parse_method(const std::string& method) {
+inline Method parse_method(c10::string_view method) {
   if (method == "craft") return Method::kCraft;
   if (method == "scaled_gaussian") return Method::kScaledGaussian;
   if (method == "random") return Method::kRandom;
   TORCH_CHECK(false, "craft_ext: method must be one of 'craft', 'scaled_gaussian', 'random'; got '",
-              method, "'");
+              std::string(method), "'");
 }
 
 // Permutation of the dims of `t` (dim 0 first, then dims 1.. by decreasing stride) under which

@@ -37,6 +37,15 @@ TORCH_LIBRARY(craft_ext, m) {
   m.def(
       "reactivate_(Tensor(a!) weight, Tensor(b!) used, Tensor order_key, Tensor fallback_u, "
       "Tensor? noise, float threshold, str method) -> (Tensor, Tensor, Tensor, Tensor)");
+  // reactivate_ as craft_ext.Reactivator runs it after an optimizer step: draws order_key,
+  // fallback_u (torch.rand(N) twice) and, except for craft, noise (torch.randn(weight.shape)),
+  // all float32, from `generator`; calls reactivate_; zeroes the rows of reactivated filters
+  // in every tensor of `state` shaped like weight (optimizer state: momentum, Adam moments;
+  // others are left alone) and adds the count to `total` (int64 []). Same returns.
+  m.def(
+      "reactivate_and_reset_(Tensor(a!) weight, Tensor(b!) used, Tensor(c!) total, "
+      "Tensor(d!)[] state, Generator? generator, float threshold, str method) "
+      "-> (Tensor, Tensor, Tensor, Tensor)");
   // Feature-map statistics of fmap [B, C, H, W] (Diba & Khosravi, IASC 2023): per-map sums
   // float32 [B, C]; Pearson correlations of the maps of each sample, float32 [B, C, C] when
   // return_corr (else an empty [B, 0, 0]); empty = |sum| <= sum_threshold and redundant = some

@@ -35,6 +35,7 @@
 #include <vector>
 
 #include "common.h"
+#include "reactivate.h"
 
 namespace craft_ext {
 namespace {
@@ -166,11 +167,28 @@ void reference_max_abs_l1(const at::Tensor& weight, int64_t n, int64_t k, float*
   at::parallel_for(0, n, block, reduce);
 }
 
+// Whether some filter is inactive: every |float32(w)| <= t (NaN compares false, so a filter
+// holding NaN is never inactive, as with the reference's amax). Reads a filter only until its
+// first element above t, so a layer without inactive filters (the usual case at a reactivation)
+// costs about one element per filter. Needs the dense [n, k] row view of filter_rows_view.
+template <typename scalar_t>
+bool any_inactive_rows(const scalar_t* rows, int64_t row_stride, int64_t n, int64_t k, float t) {
+  for (int64_t i = 0; i < n; ++i) {
+    const scalar_t* row = rows + i * row_stride;
+    int64_t j = 0;
+    while (j < k && std::abs(static_cast<float>(row[j])) <= t) ++j;
+    if (j == k) return true;
+  }
+  return false;
+}
+
+}  // namespace
+
 std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> reactivate_cpu(
     const at::Tensor& weight, const at::Tensor& used, const at::Tensor& order_key,
     const at::Tensor& fallback_u, const std::optional<at::Tensor>& noise, double threshold,
     c10::string_view method_name) {
-  const Method method = parse_method(std::string(method_name));
+  const Method method = parse_method(method_name);
   TORCH_CHECK(weight.dim() >= 1, "craft_ext::reactivate_: weight must have a filter dim 0");
   TORCH_CHECK(at::isFloatingType(weight.scalar_type()),
               "craft_ext::reactivate_: weight must be floating point, got ", weight.scalar_type());
@@ -190,10 +208,20 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> reactivate_cpu(
   }
 
   const auto bool_opts = weight.options().dtype(at::kBool);
-  at::Tensor inactive_t = at::zeros({n}, bool_opts);
-  at::Tensor reactivated_t = at::zeros({n}, bool_opts);
-  at::Tensor donor_t = at::full({n}, -1, weight.options().dtype(at::kLong));
-  if (n == 0) return {inactive_t, reactivated_t, donor_t, at::zeros({}, donor_t.options())};
+  // Filled through raw pointers (cheaper than at::zeros / at::full: this op runs at every
+  // optimizer step with interval=1, usually on a first conv layer of a few dozen filters).
+  at::Tensor inactive_t = at::empty({n}, bool_opts);
+  at::Tensor reactivated_t = at::empty({n}, bool_opts);
+  at::Tensor donor_t = at::empty({n}, weight.options().dtype(at::kLong));
+  std::fill_n(inactive_t.mutable_data_ptr<bool>(), n, false);
+  std::fill_n(reactivated_t.mutable_data_ptr<bool>(), n, false);
+  std::fill_n(donor_t.mutable_data_ptr<int64_t>(), n, int64_t{-1});
+  const auto no_count = [&] {
+    at::Tensor count = at::empty({}, donor_t.options());
+    *count.mutable_data_ptr<int64_t>() = 0;
+    return count;
+  };
+  if (n == 0) return {inactive_t, reactivated_t, donor_t, no_count()};
   TORCH_CHECK(k > 0, "craft_ext::reactivate_: filters must hold at least one element");
 
   // Filters as [n, k] rows written in place, or a contiguous copy written back at the end.
@@ -206,10 +234,19 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> reactivate_cpu(
   }
   const int64_t row_stride = n > 1 ? rows.stride(0) : k;
 
+  // Early exit (this CPU kernel may branch on the data it reads): no inactive filter means
+  // nothing is written and the outputs are the all-false / -1 / 0 ones allocated above.
+  const float thr = static_cast<float>(threshold);
+  bool any_inactive = false;
+  AT_DISPATCH_FLOATING_TYPES_AND2(
+      at::kHalf, at::kBFloat16, weight.scalar_type(), "craft_ext::reactivate_ scan", [&] {
+        any_inactive = any_inactive_rows(rows.const_data_ptr<scalar_t>(), row_stride, n, k, thr);
+      });
+  if (!any_inactive) return {inactive_t, reactivated_t, donor_t, no_count()};
+
   std::vector<float> max_abs(n), l1(n);
   reference_max_abs_l1(weight, n, k, max_abs.data(), l1.data());
 
-  const float thr = static_cast<float>(threshold);
   std::vector<uint8_t> inactive(n), active(n), reactivated(n), used_v(n), newly_used;
   bool any_active = false;
   for (int64_t i = 0; i < n; ++i) {
@@ -285,8 +322,6 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> reactivate_cpu(
   }
   return {inactive_t, reactivated_t, donor_t, at::scalar_tensor(count, donor_t.options())};
 }
-
-}  // namespace
 
 TORCH_LIBRARY_IMPL(craft_ext, CPU, m) { m.impl("reactivate_", &reactivate_cpu); }
 

@@ -1,0 +1,77 @@
+// CPU kernel of craft_ext::reactivate_and_reset_ (schema in csrc/ops.cpp, semantics in
+// craft_ext/reference.py::reactivate_and_reset_).
+//
+// One reactivation of one watched weight as craft_ext.Reactivator runs it after an optimizer
+// step (CRAFT, Bhatta et al., arXiv 2312.00072), in a single call from Python:
+//   order_key, fallback_u = rand(N), rand(N)          (float32, from `generator`)
+//   noise = randn(weight.shape)                        (float32; scaled_gaussian / random only)
+//   (inactive, reactivated, donor, count) = reactivate_cpu(weight, used, order_key, fallback_u,
+//                                                          noise, ...)   (reactivate.cpp)
+//   buf[i, ...] = 0 for every reactivated i, for every buf in `state` shaped like weight
+//   total += count
+// The draws are the same ATen calls, in the same order, as the Python composition in
+// craft_ext/ops.py, so both consume the generator identically and give bit-identical results.
+// With interval=1 this runs after every optimizer step, usually on a first conv layer of a few
+// dozen filters, where a Python composition of ~8 small ATen calls costs several times the
+// work itself. Everything here is host memory, so branching on the count is not a device sync.
+
+#include <ATen/ATen.h>
+#include <torch/library.h>
+
+#include <cstdint>
+#include <optional>
+#include <tuple>
+#include <vector>
+
+#include "reactivate.h"
+
+namespace craft_ext {
+namespace {
+
+using Outputs = std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor>;
+
+Outputs reactivate_and_reset_cpu(const at::Tensor& weight, const at::Tensor& used,
+                                 const at::Tensor& total, at::TensorList state,
+                                 std::optional<at::Generator> generator, double threshold,
+                                 c10::string_view method) {
+  TORCH_CHECK(weight.dim() >= 1, "craft_ext::reactivate_and_reset_: weight needs a filter dim 0");
+  TORCH_CHECK(total.scalar_type() == at::kLong && total.numel() == 1 && total.device() == weight.device(),
+              "craft_ext::reactivate_and_reset_: total must be an int64 scalar on ", weight.device(),
+              ", got ", total.scalar_type(), " of shape ", total.sizes(), " on ", total.device());
+  const int64_t n = weight.size(0);
+  TORCH_CHECK(used.scalar_type() == at::kBool && used.dim() == 1 && used.size(0) == n &&
+                  used.device() == weight.device(),
+              "craft_ext::reactivate_and_reset_: used must be a bool tensor of shape (", n,
+              ",) on ", weight.device(), ", got ", used.scalar_type(), " of shape ", used.sizes(),
+              " on ", used.device());
+  const auto f32 = weight.options().dtype(at::kFloat);
+  const at::Tensor order_key = at::rand({n}, generator, f32);
+  const at::Tensor fallback_u = at::rand({n}, generator, f32);
+  std::optional<at::Tensor> noise;
+  if (method != "craft") noise = at::randn(weight.sizes(), generator, f32);
+
+  Outputs out = reactivate_cpu(weight, used, order_key, fallback_u, noise, threshold, method);
+
+  const int64_t count = *std::get<3>(out).const_data_ptr<int64_t>();  // host memory, no sync
+  if (count > 0) {
+    std::vector<int64_t> mask_shape(weight.dim(), 1);
+    mask_shape[0] = n;
+    const at::Tensor mask = std::get<1>(out).view(mask_shape);
+    for (const at::Tensor& buf : state) {
+      if (buf.defined() && buf.sizes() == weight.sizes() && buf.device() == weight.device()) {
+        // const Tensor& still writes the shared storage: the list is declared mutable (d!)
+        const_cast<at::Tensor&>(buf).masked_fill_(mask, 0);
+      }
+    }
+    const_cast<at::Tensor&>(total).add_(count);
+  }
+  return out;
+}
+
+}  // namespace
+
+TORCH_LIBRARY_IMPL(craft_ext, CPU, m) {
+  m.impl("reactivate_and_reset_", &reactivate_and_reset_cpu);
+}
+
+}  // namespace craft_ext
