@@ -290,8 +290,11 @@ def _resolve_cached(device_type: str, op: str, requested: str, interpret: bool) 
 
 
 def _resolve_fast(device: torch.device, op: str, backend: str | None) -> str:
-    interpret = os.environ.get("TRITON_INTERPRET", "") == "1"
-    return _resolve_cached(device.type, op, _requested_backend(backend), interpret)
+    requested = _requested_backend(backend)
+    # $TRITON_INTERPRET only decides whether Triton may run on CPU tensors, and only an
+    # explicit request picks Triton there, so the common case skips reading it
+    interpret = requested == "triton" and os.environ.get("TRITON_INTERPRET", "") == "1"
+    return _resolve_cached(device.type, op, requested, interpret)
 
 
 def reactivate_(
