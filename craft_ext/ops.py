@@ -16,7 +16,7 @@ backend    where                                   operator
 tensors, falling back to ``reference`` when the compiled extension or Triton is missing. Force
 a backend per call (``backend="triton"``), for a block
 (``with craft_ext.use_backend("reference"):``) or for a process (environment variable
-``CRAFT_EXT_BACKEND=triton``).
+``CRAFT_EXT_BACKEND=triton``, read once, when craft_ext is imported).
 
 No op here synchronises with the host: no ``.item()``, ``.cpu()``, ``nonzero()``, boolean-mask
 indexing or branching on tensor values, so they run under
@@ -84,6 +84,9 @@ class Reactivation(NamedTuple):
 _BACKEND_OVERRIDE: contextvars.ContextVar[str | None] = contextvars.ContextVar(
     "craft_ext_backend", default=None
 )
+#: ``$CRAFT_EXT_BACKEND`` as it was at import: the process-wide default (read once, so that the
+#: per-step calls of a Reactivator do not look the environment up every step)
+_ENV_BACKEND: str | None = os.environ.get("CRAFT_EXT_BACKEND") or None
 
 
 @contextlib.contextmanager
@@ -140,7 +143,8 @@ def _available(device_type: str, op: str, interpret: bool) -> tuple[str, ...]:
 def resolve_backend(device: torch.device, op: str, backend: str | None = None) -> str:
     """The backend that runs ``op`` for a tensor on ``device``.
 
-    ``backend`` (else :func:`use_backend`'s, else ``$CRAFT_EXT_BACKEND``, else ``"auto"``).
+    ``backend`` (else :func:`use_backend`'s, else ``$CRAFT_EXT_BACKEND`` as it was when
+    craft_ext was imported, else ``"auto"``).
     An explicitly requested backend that cannot run here raises ``RuntimeError``.
     """
     requested = _requested_backend(backend)
@@ -278,7 +282,7 @@ def _reactivate_impl(backend: str) -> Callable[..., tuple[Tensor, ...]]:
 
 def _requested_backend(backend: str | None) -> str:
     """The backend asked for: the argument, else :func:`use_backend`'s, else the environment."""
-    return backend or _BACKEND_OVERRIDE.get() or os.environ.get("CRAFT_EXT_BACKEND") or "auto"
+    return backend or _BACKEND_OVERRIDE.get() or _ENV_BACKEND or "auto"
 
 
 @functools.cache
@@ -387,7 +391,11 @@ def _reactivate_and_reset_checked(
     (callers validate and disable grad; ``state`` holds tensors only). On CPU with the compiled
     extension it is one C++ call (``craft_ext::reactivate_and_reset_``, same draws, same
     results): the per-step path of :class:`craft_ext.Reactivator` with ``interval=1``."""
-    name = _resolve_fast(weight.device, "reactivate_", backend)
+    # _resolve_fast inlined: this runs after every optimizer step with interval=1
+    requested = backend or _BACKEND_OVERRIDE.get() or _ENV_BACKEND or "auto"
+    device_type = "cpu" if weight.is_cpu else weight.device.type
+    interpret = requested == "triton" and os.environ.get("TRITON_INTERPRET", "") == "1"
+    name = _resolve_cached(device_type, "reactivate_", requested, interpret)
     if name == "cpp" and _fused_cpu():
         out = torch.ops.craft_ext.reactivate_and_reset_.default(
             weight, used, total, state, generator, threshold, method
@@ -406,7 +414,7 @@ def _reactivate_and_reset_checked(
             method,
             reactivate=_reactivate_impl(name),
         )
-    return Reactivation(*out)
+    return tuple.__new__(Reactivation, out)  # Reactivation._make(out) without its frame
 
 
 @functools.cache

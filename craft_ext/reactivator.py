@@ -329,7 +329,11 @@ class Reactivator:
         try:
             for i, w in enumerate(self.weights):
                 state = opt_state.get(w) if opt_state is not None else None
-                bufs = [v for v in state.values() if isinstance(v, Tensor)] if state else []
+                bufs = []  # the weight's optimizer state tensors (a loop: no comprehension frame)
+                if state:
+                    for v in state.values():
+                        if isinstance(v, Tensor):
+                            bufs.append(v)
                 res = _reactivate_and_reset_checked(
                     w,
                     self._used[i],
@@ -342,19 +346,18 @@ class Reactivator:
                 )
                 # inside CUDA-graph capture no event is recorded (replays would overwrite it)
                 if not (w.is_cuda and torch.cuda.is_current_stream_capturing()):
-                    self._record(self.names[i], res)
+                    # the event stays on the device (the op's outputs are fresh tensors)
+                    self._seq += 1
+                    self._recent.append(
+                        (self._seq, self.steps, self.names[i], self.method, res[1], res[2])
+                    )
                 out.append(res)
         finally:
             torch._C._set_grad_enabled(grad)
         self.calls += 1
-        return out
-
-    def _record(self, name: str, res: Reactivation) -> None:
-        """Keep the event on the device (the op's outputs are fresh tensors: no copy)."""
-        self._seq += 1
-        self._recent.append((self._seq, self.steps, name, self.method, res[1], res[2]))
         if len(self._recent) > _COMPACT_AT:
             self._compact()
+        return out
 
     def _compact(self) -> None:
         """Stack the recent single-event records per (weight, method) into [k, N] records.

@@ -37,7 +37,10 @@ inline std::vector<int64_t> filter_major_perm(const at::Tensor& t) {
 // A [N, K] view of `t` sharing its storage (row stride t.stride(0), unit column stride), in
 // which row i holds the elements of filter t[i] in the order given by filter_major_perm(t);
 // undefined if the filters of `t` are not dense blocks (e.g. a slice along dim 1).
-inline at::Tensor filter_rows_view(const at::Tensor& t) {
+// Whether every filter t[i] is a dense block of K elements (in filter_major_perm order) and the
+// filters do not overlap; if so, *row_stride is the element distance between filters. Creates
+// no tensor (the CPU reactivate_ kernel asks this at every optimizer step).
+inline bool filter_rows_dense(const at::Tensor& t, int64_t* row_stride) {
   const int64_t n = t.size(0);
   const int64_t k = n == 0 ? 0 : t.numel() / n;
   auto perm = filter_major_perm(t);
@@ -45,11 +48,20 @@ inline at::Tensor filter_rows_view(const at::Tensor& t) {
   for (int64_t j = t.dim() - 1; j >= 1; --j) {
     const int64_t d = perm[j];
     if (t.size(d) == 1) continue;
-    if (t.stride(d) != expected) return at::Tensor();
+    if (t.stride(d) != expected) return false;
     expected *= t.size(d);
   }
-  if (n > 1 && t.stride(0) < k) return at::Tensor();  // rows would overlap
-  return t.as_strided({n, k}, {n > 1 ? t.stride(0) : k, 1}, t.storage_offset());
+  if (n > 1 && t.stride(0) < k) return false;  // rows would overlap
+  *row_stride = n > 1 ? t.stride(0) : k;
+  return true;
+}
+
+inline at::Tensor filter_rows_view(const at::Tensor& t) {
+  const int64_t n = t.size(0);
+  const int64_t k = n == 0 ? 0 : t.numel() / n;
+  int64_t row_stride = 0;
+  if (!filter_rows_dense(t, &row_stride)) return at::Tensor();
+  return t.as_strided({n, k}, {row_stride, 1}, t.storage_offset());
 }
 
 // The elements of `other` (same shape as `t`) as [N, K] rows in the same element order as

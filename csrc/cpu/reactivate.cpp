@@ -21,6 +21,7 @@
 
 #include <ATen/ATen.h>
 #include <ATen/Dispatch.h>
+#include <ATen/EmptyTensor.h>
 #include <ATen/Parallel.h>
 #include <torch/library.h>
 
@@ -188,6 +189,22 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> reactivate_cpu(
     const at::Tensor& weight, const at::Tensor& used, const at::Tensor& order_key,
     const at::Tensor& fallback_u, const std::optional<at::Tensor>& noise, double threshold,
     c10::string_view method_name) {
+  const int64_t n = weight.dim() >= 1 ? weight.size(0) : 0;
+  TORCH_CHECK(order_key.dim() == 1 && order_key.size(0) == n && fallback_u.dim() == 1 &&
+                  fallback_u.size(0) == n,
+              "craft_ext::reactivate_: order_key and fallback_u must be [", n, "]");
+  at::Tensor key, fu;  // float32 copies, made only when the pairing needs them
+  const auto keys = [&]() -> std::pair<const float*, const float*> {
+    key = order_key.to(at::kFloat).contiguous();
+    fu = fallback_u.to(at::kFloat).contiguous();
+    return {key.const_data_ptr<float>(), fu.const_data_ptr<float>()};
+  };
+  return reactivate_cpu_keys(weight, used, keys, noise, threshold, method_name);
+}
+
+std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> reactivate_cpu_keys(
+    const at::Tensor& weight, const at::Tensor& used, KeySource keys,
+    const std::optional<at::Tensor>& noise, double threshold, c10::string_view method_name) {
   const Method method = parse_method(method_name);
   TORCH_CHECK(weight.dim() >= 1, "craft_ext::reactivate_: weight must have a filter dim 0");
   TORCH_CHECK(at::isFloatingType(weight.scalar_type()),
@@ -196,9 +213,6 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> reactivate_cpu(
   const int64_t k = n == 0 ? 0 : weight.numel() / n;
   TORCH_CHECK(used.scalar_type() == at::kBool && used.dim() == 1 && used.size(0) == n,
               "craft_ext::reactivate_: used must be bool [", n, "]");
-  TORCH_CHECK(order_key.dim() == 1 && order_key.size(0) == n && fallback_u.dim() == 1 &&
-                  fallback_u.size(0) == n,
-              "craft_ext::reactivate_: order_key and fallback_u must be [", n, "]");
   const bool needs_noise = method != Method::kCraft;
   if (needs_noise) {
     TORCH_CHECK(noise.has_value() && noise->defined(),
@@ -208,21 +222,37 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> reactivate_cpu(
   }
 
   const auto bool_opts = weight.options().dtype(at::kBool);
-  // Filled through raw pointers (cheaper than at::zeros / at::full: this op runs at every
-  // optimizer step with interval=1, usually on a first conv layer of a few dozen filters).
-  at::Tensor inactive_t = at::empty({n}, bool_opts);
-  at::Tensor reactivated_t = at::empty({n}, bool_opts);
-  at::Tensor donor_t = at::empty({n}, weight.options().dtype(at::kLong));
+  // Allocated with at::detail::empty_cpu (no dispatcher round trip) and filled through raw
+  // pointers: this op runs at every optimizer step with interval=1, usually on a first conv
+  // layer of a few dozen filters, where such fixed costs dominate.
+  at::Tensor inactive_t = at::detail::empty_cpu({n}, at::kBool);
+  at::Tensor reactivated_t = at::detail::empty_cpu({n}, at::kBool);
+  at::Tensor donor_t = at::detail::empty_cpu({n}, at::kLong);
   std::fill_n(inactive_t.mutable_data_ptr<bool>(), n, false);
   std::fill_n(reactivated_t.mutable_data_ptr<bool>(), n, false);
   std::fill_n(donor_t.mutable_data_ptr<int64_t>(), n, int64_t{-1});
   const auto no_count = [&] {
-    at::Tensor count = at::empty({}, donor_t.options());
+    at::Tensor count = at::detail::empty_cpu({}, at::kLong);
     *count.mutable_data_ptr<int64_t>() = 0;
     return count;
   };
   if (n == 0) return {inactive_t, reactivated_t, donor_t, no_count()};
   TORCH_CHECK(k > 0, "craft_ext::reactivate_: filters must hold at least one element");
+
+  // Early exit (this CPU kernel may branch on the data it reads): no inactive filter means
+  // nothing is written and the outputs are the all-false / -1 / 0 ones allocated above. Filters
+  // that are dense blocks are scanned in place, without creating a view.
+  const float thr = static_cast<float>(threshold);
+  int64_t dense_stride = 0;
+  if (filter_rows_dense(weight, &dense_stride)) {
+    bool any_inactive = false;
+    AT_DISPATCH_FLOATING_TYPES_AND2(
+        at::kHalf, at::kBFloat16, weight.scalar_type(), "craft_ext::reactivate_ scan", [&] {
+          any_inactive =
+              any_inactive_rows(weight.const_data_ptr<scalar_t>(), dense_stride, n, k, thr);
+        });
+    if (!any_inactive) return {inactive_t, reactivated_t, donor_t, no_count()};
+  }
 
   // Filters as [n, k] rows written in place, or a contiguous copy written back at the end.
   at::Tensor work = weight;
@@ -233,16 +263,6 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> reactivate_cpu(
     TORCH_CHECK(rows.defined(), "craft_ext::reactivate_: internal error: no row view");
   }
   const int64_t row_stride = n > 1 ? rows.stride(0) : k;
-
-  // Early exit (this CPU kernel may branch on the data it reads): no inactive filter means
-  // nothing is written and the outputs are the all-false / -1 / 0 ones allocated above.
-  const float thr = static_cast<float>(threshold);
-  bool any_inactive = false;
-  AT_DISPATCH_FLOATING_TYPES_AND2(
-      at::kHalf, at::kBFloat16, weight.scalar_type(), "craft_ext::reactivate_ scan", [&] {
-        any_inactive = any_inactive_rows(rows.const_data_ptr<scalar_t>(), row_stride, n, k, thr);
-      });
-  if (!any_inactive) return {inactive_t, reactivated_t, donor_t, no_count()};
 
   std::vector<float> max_abs(n), l1(n);
   reference_max_abs_l1(weight, n, k, max_abs.data(), l1.data());
@@ -263,10 +283,8 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> reactivate_cpu(
   int64_t* donor = donor_t.mutable_data_ptr<int64_t>();
   float mean_s = 0.0f, std_s = 0.0f;
   if (method == Method::kCraft) {
-    const at::Tensor key = order_key.to(at::kFloat).contiguous();
-    const at::Tensor fu = fallback_u.to(at::kFloat).contiguous();
-    craft_donors(inactive, active, used_v, l1, key.const_data_ptr<float>(),
-                 fu.const_data_ptr<float>(), donor, newly_used);
+    const auto [key_p, fu_p] = keys();
+    craft_donors(inactive, active, used_v, l1, key_p, fu_p, donor, newly_used);
     for (int64_t i = 0; i < n; ++i) reactivated[i] = inactive[i] && any_active;
   } else if (method == Method::kScaledGaussian) {
     // argmax of where(active, l1, -inf): the first maximum.

@@ -3,15 +3,27 @@
 #pragma once
 
 #include <ATen/ATen.h>
+#include <c10/util/FunctionRef.h>
 
 #include <optional>
 #include <tuple>
+#include <utility>
 
 namespace craft_ext {
 
+// The kernel of the op: order_key, fallback_u float [N] (any floating dtype, converted).
 std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> reactivate_cpu(
     const at::Tensor& weight, const at::Tensor& used, const at::Tensor& order_key,
     const at::Tensor& fallback_u, const std::optional<at::Tensor>& noise, double threshold,
     c10::string_view method_name);
+
+// (order_key, fallback_u) as float32 [N] host pointers, valid until the kernel returns; asked
+// for only when the CRAFT pairing runs (some filter is inactive).
+using KeySource = c10::function_ref<std::pair<const float*, const float*>()>;
+
+// The same kernel with the random keys supplied by `keys`.
+std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> reactivate_cpu_keys(
+    const at::Tensor& weight, const at::Tensor& used, KeySource keys,
+    const std::optional<at::Tensor>& noise, double threshold, c10::string_view method_name);
 
 }  // namespace craft_ext

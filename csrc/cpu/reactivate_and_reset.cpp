@@ -3,10 +3,10 @@
 //
 // One reactivation of one watched weight as craft_ext.Reactivator runs it after an optimizer
 // step (CRAFT, Bhatta et al., arXiv 2312.00072), in a single call from Python:
-//   order_key, fallback_u = rand(N), rand(N)          (float32, from `generator`)
+//   order_key, fallback_u = rand(N), rand(N)          (float32, from `generator`; one rand(2, N))
 //   noise = randn(weight.shape)                        (float32; scaled_gaussian / random only)
-//   (inactive, reactivated, donor, count) = reactivate_cpu(weight, used, order_key, fallback_u,
-//                                                          noise, ...)   (reactivate.cpp)
+//   (inactive, reactivated, donor, count) = reactivate_(weight, used, order_key, fallback_u,
+//                                                       noise, ...)   (reactivate.cpp)
 //   buf[i, ...] = 0 for every reactivated i, for every buf in `state` shaped like weight
 //   total += count
 // The draws are the same ATen calls, in the same order, as the Python composition in
@@ -16,11 +16,13 @@
 // work itself. Everything here is host memory, so branching on the count is not a device sync.
 
 #include <ATen/ATen.h>
+#include <ATen/EmptyTensor.h>
 #include <torch/library.h>
 
 #include <cstdint>
 #include <optional>
 #include <tuple>
+#include <utility>
 #include <vector>
 
 #include "reactivate.h"
@@ -45,12 +47,19 @@ Outputs reactivate_and_reset_cpu(const at::Tensor& weight, const at::Tensor& use
               ",) on ", weight.device(), ", got ", used.scalar_type(), " of shape ", used.sizes(),
               " on ", used.device());
   const auto f32 = weight.options().dtype(at::kFloat);
-  const at::Tensor order_key = at::rand({n}, generator, f32);
-  const at::Tensor fallback_u = at::rand({n}, generator, f32);
+  // rand(2, N) is rand(N) twice: the CPU generator fills a tensor element by element, in order
+  // (tests/test_reactivate_and_reset.py checks the values and the generator state afterwards)
+  // (at::rand is exactly empty + uniform_(0, 1, generator); empty_cpu skips one dispatch)
+  at::Tensor keys = at::detail::empty_cpu({2, n}, at::kFloat);
+  keys.uniform_(0.0, 1.0, generator);
+  const float* key_p = keys.const_data_ptr<float>();
   std::optional<at::Tensor> noise;
   if (method != "craft") noise = at::randn(weight.sizes(), generator, f32);
 
-  Outputs out = reactivate_cpu(weight, used, order_key, fallback_u, noise, threshold, method);
+  const auto key_source = [&]() -> std::pair<const float*, const float*> {
+    return {key_p, key_p + n};
+  };
+  Outputs out = reactivate_cpu_keys(weight, used, key_source, noise, threshold, method);
 
   const int64_t count = *std::get<3>(out).const_data_ptr<int64_t>();  // host memory, no sync
   if (count > 0) {
