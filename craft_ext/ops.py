@@ -397,9 +397,11 @@ def _reactivate_and_reset_checked(
     interpret = requested == "triton" and os.environ.get("TRITON_INTERPRET", "") == "1"
     name = _resolve_cached(device_type, "reactivate_", requested, interpret)
     if name == "cpp" and _fused_cpu():
-        out = torch.ops.craft_ext.reactivate_and_reset_.default(
-            weight, used, total, state, generator, threshold, method
-        )  # checks used / total / generator against weight in C++
+        op = torch.ops.craft_ext.reactivate_and_reset_.default
+        # eager calls skip OpOverload.__call__'s Python frame (a few us per step when cold);
+        # Dynamo traces the OpOverload itself
+        call = op if torch.compiler.is_compiling() else op._op
+        out = call(weight, used, total, state, generator, threshold, method)  # checked in C++
     else:
         _check_used(used, weight)
         _check_total(total, weight)
