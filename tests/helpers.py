@@ -59,40 +59,33 @@ def lfw_path() -> Path:
     return Path(os.environ.get("CRAFT_LFW_DIR", REPO.parent / "shared" / "data" / "lfw112"))
 
 
-def spawn(fn, args, nprocs: int = 2, deadline_s: float = 90.0, attempts: int = 2) -> None:
+def spawn(fn, args: tuple, nprocs: int = 2, deadline_s: float = 120.0) -> None:
     """``torch.multiprocessing.spawn`` that fails (instead of hanging CI) when the workers have
     not all finished within ``deadline_s`` seconds; a worker's error is re-raised as usual.
 
-    ``args`` is the workers' argument tuple, or a callable giving it for attempt 0, 1, ...
-    (fresh rendezvous files / ports). A stalled run (a gloo rendezvous that never completes,
-    seen rarely on CI VMs) is killed and started again, up to ``attempts`` times.
+    Workers that use DDP on gloo must free the DDP module (and ``gc.collect()``) before
+    ``destroy_process_group()``, as ``craft_ext.train.Trainer.close`` does: otherwise a process
+    can hang at exit (a GIL deadlock between DDP's Reducer destructor and gloo's threads).
     """
     import sys
     import time
 
     import torch.multiprocessing as mp
 
-    for attempt in range(attempts):
-        call_args = args(attempt) if callable(args) else args
-        # workers unpickle ``fn`` by module name (``tests.test_x`` under
-        # --import-mode=importlib): spawned children get the parent's sys.path
-        added = str(REPO) not in sys.path
+    # workers unpickle ``fn`` by module name (``tests.test_x`` under --import-mode=importlib):
+    # spawned children get the parent's sys.path
+    added = str(REPO) not in sys.path
+    if added:
+        sys.path.append(str(REPO))
+    try:
+        ctx = mp.start_processes(fn, args=args, nprocs=nprocs, join=False, start_method="spawn")
+    finally:
         if added:
-            sys.path.append(str(REPO))
-        try:
-            ctx = mp.start_processes(
-                fn, args=call_args, nprocs=nprocs, join=False, start_method="spawn"
-            )
-        finally:
-            if added:
-                sys.path.remove(str(REPO))
-        end = time.monotonic() + deadline_s
-        while not ctx.join(timeout=2):
-            if time.monotonic() > end:
-                for p in ctx.processes:
-                    if p.is_alive():
-                        p.kill()
-                break
-        else:
-            return
-    pytest.fail(f"distributed workers did not finish within {deadline_s:.0f} s, {attempts} tries")
+            sys.path.remove(str(REPO))
+    end = time.monotonic() + deadline_s
+    while not ctx.join(timeout=2):
+        if time.monotonic() > end:
+            for p in ctx.processes:
+                if p.is_alive():
+                    p.kill()
+            pytest.fail(f"distributed workers did not finish within {deadline_s:.0f} s")

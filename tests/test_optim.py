@@ -392,6 +392,7 @@ def test_cuda_step_no_sync_and_graph_capture():
 DDP_WORKER = textwrap.dedent(
     """
     import datetime
+    import gc
     import os
 
     import torch
@@ -436,6 +437,8 @@ DDP_WORKER = textwrap.dedent(
             "events": [list(e) for e in opt.drain_events()],
         }
         torch.save(state, os.path.join(out, f"rank{rank}.pt"))
+        del ddp  # free DDP's Reducer before the group (see craft_ext Trainer.close)
+        gc.collect()
         dist.destroy_process_group()
     """
 )
@@ -449,7 +452,7 @@ def test_ddp_ranks_end_identical(tmp_path, monkeypatch):
     monkeypatch.syspath_prepend(str(tmp_path))  # spawned children inherit sys.path
     monkeypatch.setenv("OMP_NUM_THREADS", "1")
     worker = importlib.import_module(module).worker
-    spawn(worker, args=lambda attempt: (2, str(tmp_path / f"store{attempt}"), str(tmp_path)))
+    spawn(worker, args=(2, str(tmp_path / "store"), str(tmp_path)))
     r0 = torch.load(tmp_path / "rank0.pt", weights_only=True)
     r1 = torch.load(tmp_path / "rank1.pt", weights_only=True)
     for key in ("weight", "momentum", "used"):

@@ -29,6 +29,8 @@ def main(argv: list[str] | None = None) -> int:
     except TrainingDiverged as exc:
         print(f"craft-train: {exc}", file=sys.stderr)
         return 3
+    finally:
+        trainer.close()
     if trainer.is_main:
         print(format_summary(summary))
     return 0
