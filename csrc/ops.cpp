@@ -5,8 +5,12 @@
 // the Python API live in craft_ext/ops.py; the pure-PyTorch references in
 // craft_ext/reference.py define the semantics every backend must reproduce.
 
+#include <ATen/core/LegacyTypeDispatch.h>
+#include <ATen/core/dispatch/Dispatcher.h>
 #include <Python.h>
 #include <torch/library.h>
+
+#include <vector>
 
 extern "C" {
 // `import craft_ext._C` loads this shared object, whose static initialisers register the ops
@@ -53,4 +57,44 @@ TORCH_LIBRARY(craft_ext, m) {
   m.def(
       "feature_map_stats(Tensor fmap, float sum_threshold, float corr_threshold, "
       "bool return_corr) -> (Tensor, Tensor, Tensor, Tensor)");
+}
+
+namespace {
+
+// ADInplaceOrView kernel of the ops that write their arguments in place: runs the op, then bumps
+// the version counter of every input annotated (x!) in the schema (tensor lists included), as
+// torch's own in-place ops do (the Triton ops get this from torch.library). Autograd then refuses
+// a backward pass through a weight that was reactivated after the forward pass saved it, instead
+// of silently using the new values. (torch's boxed autogradNotImplementedInplaceOrViewFallback
+// bumps only outputs that alias an input, and these ops return fresh tensors.)
+void bump_mutated_inputs(const c10::OperatorHandle& op, c10::DispatchKeySet keys,
+                         torch::jit::Stack* stack) {
+  const auto& arguments = op.schema().arguments();
+  const size_t start = stack->size() - arguments.size();
+  std::vector<at::Tensor> mutated;
+  for (size_t i = 0; i < arguments.size(); ++i) {
+    const c10::AliasInfo* alias = arguments[i].alias_info();
+    if (alias == nullptr || !alias->isWrite()) continue;
+    const c10::IValue& value = (*stack)[start + i];
+    if (value.isTensor()) {
+      mutated.push_back(value.toTensor());
+    } else if (value.isTensorList()) {
+      for (const at::Tensor& t : value.toTensorVector()) mutated.push_back(t);
+    }
+  }
+  {
+    at::AutoDispatchBelowADInplaceOrView guard;
+    op.redispatchBoxed(keys & c10::after_ADInplaceOrView_keyset, stack);
+  }
+  for (const at::Tensor& t : mutated) {
+    if (t.defined()) t.unsafeGetTensorImpl()->bump_version();
+  }
+}
+
+}  // namespace
+
+TORCH_LIBRARY_IMPL(craft_ext, ADInplaceOrView, m) {
+  m.impl("reactivate_", torch::CppFunction::makeFromBoxedFunction<&bump_mutated_inputs>());
+  m.impl("reactivate_and_reset_",
+         torch::CppFunction::makeFromBoxedFunction<&bump_mutated_inputs>());
 }

@@ -259,6 +259,22 @@ def test_compile_fullgraph(device, backend):
     assert int(res.count) == 5
 
 
+@pytest.mark.parametrize("device,backend", backend_params())
+def test_autograd_sees_the_in_place_write(device, backend):
+    """Like torch's in-place ops, reactivate_ bumps the weight's version counter: a backward
+    pass through a forward that saved the weight before it was reactivated raises."""
+    require_backend(device, backend, "reactivate_")
+    w0, _ = planted((6, 3, 3, 3), 2, seed=16, device=device)
+    w = torch.nn.Parameter(w0)
+    loss = torch.nn.functional.conv2d(torch.randn(2, 3, 5, 5, device=device), w).square().sum()
+    before = w._version
+    with torch.no_grad():
+        res = craft_ext.reactivate_(w, backend=backend)
+    assert int(res.count) == 2 and w._version > before
+    with pytest.raises(RuntimeError, match="modified by an inplace operation"):
+        loss.backward()
+
+
 def test_fixed_seed_is_deterministic_and_seeds_differ():
     pairings = set()
     for seed in range(6):

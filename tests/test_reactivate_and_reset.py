@@ -231,3 +231,14 @@ def test_bad_arguments_raise_and_modify_nothing(used, total, match):
         fused(w, used, total, state, None, THR, "craft")
     for x, y in zip([w, used, total, state[0]], before, strict=True):
         assert torch.equal(x, y)
+
+
+def test_every_written_argument_gets_a_new_version():
+    fused = _fused()
+    w = planted((8, 3, 3, 3), [2])
+    used, total = torch.zeros(8, dtype=torch.bool), torch.zeros((), dtype=torch.int64)
+    state = [torch.ones(w.shape), torch.tensor(1.0)]
+    tensors = [w, used, total, *state]
+    before = [t._version for t in tensors]
+    fused(w, used, total, state, None, THR, "craft")
+    assert all(t._version > v for t, v in zip(tensors, before, strict=True))
