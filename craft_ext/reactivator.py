@@ -83,8 +83,12 @@ class _Pending(NamedTuple):
     donor: Tensor
 
 
-#: pending records are stacked (device-side ``torch.cat``, no sync) per weight past this many
+#: pending records are stacked (device-side ``torch.stack``, no sync) per weight past this many
 _COMPACT_AT = 256
+#: unread records beyond this many bytes of device memory are dropped, oldest first (with a
+#: warning): a loop that never reads events must not grow without bound (with ``interval=1``
+#: each step records N bools + N int64 per watched weight)
+_MAX_PENDING_BYTES = 64 << 20
 
 
 def _check_method(method: object) -> str:
@@ -168,6 +172,11 @@ def _check_targets(targets: list[tuple[str | None, Tensor]]) -> None:
         if w.dtype not in _FLOAT_DTYPES:
             raise TypeError(
                 f"targets: {label} must be float32, float16, bfloat16 or float64, got {w.dtype}"
+            )
+        if torch._debug_has_internal_overlap(w) == 1:
+            raise ValueError(
+                f"targets: {label} has overlapping memory (e.g. expand()); it cannot be "
+                "modified in place"
             )
 
 
@@ -253,6 +262,8 @@ class Reactivator:
         self._recent: list[tuple[int, int, str, str, Tensor, Tensor]] = []
         self._seq = 0
         self._host_events: list[ReactivationEvent] = []
+        #: records dropped unread to bound device memory (see drain_events)
+        self.dropped_records = 0
         self._handles: list[Any] = []
         self._loaded: dict[str, Any] | None = None
 
@@ -380,6 +391,29 @@ class Reactivator:
                 )
             )
         self._recent = []
+        self._bound_pending()
+
+    def _bound_pending(self) -> None:
+        """Drop the oldest stacked records past :data:`_MAX_PENDING_BYTES` (host-side sizes,
+        no sync); their count is kept in :attr:`dropped_records`."""
+        sizes = [
+            p.reactivated.numel() * p.reactivated.element_size()
+            + p.donor.numel() * p.donor.element_size()
+            for p in self._pending
+        ]
+        total, first = sum(sizes), 0
+        while total > _MAX_PENDING_BYTES and first < len(sizes) - 1:
+            total -= sizes[first]
+            self.dropped_records += len(self._pending[first].seq)
+            first += 1
+        if first:
+            self._pending = self._pending[first:]
+            warnings.warn(
+                f"craft_ext.Reactivator: {self.dropped_records} reactivation records were "
+                f"dropped unread (more than {_MAX_PENDING_BYTES >> 20} MiB pending); read "
+                "`events` or call `drain_events()` now and then to keep them",
+                stacklevel=3,
+            )
 
     def _all_pending(self) -> list[_Pending]:
         """Every record not yet read, stacked ones first (one-event records as [N] tensors)."""
@@ -473,6 +507,7 @@ class Reactivator:
             "seq": self._seq,
             "pending": [tuple(p) for p in self._all_pending()],
             "events": [tuple(e) for e in self._host_events],
+            "dropped_records": self.dropped_records,
         }
 
     def load_state_dict(self, state: Mapping[str, Any]) -> None:
@@ -517,6 +552,7 @@ class Reactivator:
         self._host_events = [
             ReactivationEvent(int(s), n, m, list(f), list(d)) for s, n, m, f, d in state["events"]
         ]
+        self.dropped_records = int(state.get("dropped_records", 0))
 
     def _optimizer_state_dict(
         self, optimizer: torch.optim.Optimizer, state_dict: dict[str, Any]

@@ -228,6 +228,26 @@ def test_pending_events_are_compacted_without_changing_them(monkeypatch):
     assert run() == plain and len(plain) >= 3
 
 
+def test_unread_records_are_bounded(monkeypatch):
+    """A loop that never reads events keeps at most _MAX_PENDING_BYTES of records: the oldest
+    are dropped with a warning and counted; the newest stay readable; counts stay exact."""
+    monkeypatch.setattr(craft_ext.reactivator, "_COMPACT_AT", 2)
+    record = N_FILTERS * (1 + 8)  # bytes of one record: bool mask + int64 donors
+    monkeypatch.setattr(craft_ext.reactivator, "_MAX_PENDING_BYTES", 4 * record)
+    model = make_model()
+    opt = craft_ext.ReactivatingSGD(model.parameters(), lr=0.01, reactivate=model[0], interval=1)
+    with pytest.warns(UserWarning, match="dropped unread"):
+        train(model, opt, 0, 12, kill=True)
+    r = opt.reactivator
+    kept = sum(len(p.seq) for p in r._all_pending())
+    assert r.dropped_records > 0 and r.dropped_records + kept == 12
+    assert kept <= 4 + 2 + 1  # the bound, plus one stacked chunk and the unstacked records
+    events = opt.drain_events()
+    assert events and min(e.step for e in events) > r.dropped_records - 1
+    assert opt.total_reactivated >= sum(len(e.filters) for e in events)
+    assert opt.state_dict()["craft_reactivator"]["dropped_records"] == r.dropped_records
+
+
 def test_names_from_pairs_and_optimizer():
     model = make_model()
     opt = torch.optim.SGD(model.named_parameters(), lr=0.1)
@@ -497,9 +517,18 @@ def test_errors():
         craft_ext.Reactivator(model[0], threshold=-1.0)
     with pytest.raises(TypeError, match="seed"):
         craft_ext.Reactivator(model[0], seed="x")
+    with pytest.raises(ValueError, match="overlapping memory"):
+        craft_ext.Reactivator(nn.Parameter(torch.ones(1, 3).expand(4, 3)))
     r = craft_ext.Reactivator(model[0]).attach(opt)
     with pytest.raises(RuntimeError, match="already attached"):
         r.attach(opt)
+    # a watched weight replaced after construction (another filter count): a clear error from
+    # the per-step path, and nothing written
+    model[0].weight.data = torch.randn(N_FILTERS + 3, 3, 3, 3)
+    before = model[0].weight.detach().clone()
+    with pytest.raises((RuntimeError, ValueError), match="used must be a bool tensor of shape"):
+        r.reactivate()
+    assert torch.equal(model[0].weight, before)
 
 
 @pytest.mark.parametrize("method", craft_ext.METHODS)
