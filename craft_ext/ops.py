@@ -118,6 +118,16 @@ def _triton_name(op: str) -> str:
     return op[:-1] + "_triton_" if op.endswith("_") else op + "_triton"
 
 
+def _impl(op: str, backend: str) -> Callable[..., tuple[Tensor, ...]]:
+    """What runs ``op`` on ``backend``: the compiled operator (``cpp`` / ``cuda`` share one
+    schema), the Triton operator, or the function of the same name in :mod:`.reference`."""
+    if backend in ("cpp", "cuda"):
+        return getattr(torch.ops.craft_ext, op).default
+    if backend == "triton":
+        return getattr(torch.ops.craft_ext, _triton_name(op)).default
+    return getattr(reference, op)
+
+
 def available_backends(device: torch.device | str, op: str = "filter_stats") -> list[str]:
     """Backends that can run ``op`` on ``device`` in this process (never includes ``auto``)."""
     device = torch.device(device)
@@ -237,14 +247,6 @@ def _check_generator(generator: object, device: torch.device) -> None:
 # --------------------------------------------------------------------------------------------
 
 
-def _filter_stats_impl(backend: str) -> Callable[[Tensor], tuple[Tensor, ...]]:
-    if backend in ("cpp", "cuda"):
-        return torch.ops.craft_ext.filter_stats.default
-    if backend == "triton":
-        return torch.ops.craft_ext.filter_stats_triton.default
-    return reference.filter_stats
-
-
 def filter_stats(weight: Tensor, *, backend: str | None = None) -> FilterStats:
     """Per-filter max |w|, L1 norm, mean and std (correction 0) in one pass over ``weight``.
 
@@ -262,7 +264,7 @@ def filter_stats(weight: Tensor, *, backend: str | None = None) -> FilterStats:
     (``max_abs <= 1e-3``) and rank donors (``l1``).
     """
     _check_weight(weight)
-    impl = _filter_stats_impl(resolve_backend(weight.device, "filter_stats", backend))
+    impl = _impl("filter_stats", resolve_backend(weight.device, "filter_stats", backend))
     with torch.no_grad():
         return FilterStats(*impl(weight))
 
@@ -270,14 +272,6 @@ def filter_stats(weight: Tensor, *, backend: str | None = None) -> FilterStats:
 # --------------------------------------------------------------------------------------------
 # reactivate_
 # --------------------------------------------------------------------------------------------
-
-
-def _reactivate_impl(backend: str) -> Callable[..., tuple[Tensor, ...]]:
-    if backend in ("cpp", "cuda"):
-        return torch.ops.craft_ext.reactivate_.default
-    if backend == "triton":
-        return torch.ops.craft_ext.reactivate_triton_.default
-    return reference.reactivate_
 
 
 def _requested_backend(backend: str | None) -> str:
@@ -372,7 +366,7 @@ def _reactivate_checked(
     """:func:`reactivate_` after validation (callers check the arguments and disable grad):
     the random draws, then the backend's operator. :class:`craft_ext.Reactivator` calls this
     directly for the weights it validated once, at construction."""
-    impl = _reactivate_impl(_resolve_fast(weight.device, "reactivate_", backend))
+    impl = _impl("reactivate_", _resolve_fast(weight.device, "reactivate_", backend))
     order_key, fallback_u, noise = reference.reactivation_inputs(weight, generator, method)
     return Reactivation(*impl(weight, used, order_key, fallback_u, noise, threshold, method))
 
@@ -414,7 +408,7 @@ def _reactivate_and_reset_checked(
             generator,
             threshold,
             method,
-            reactivate=_reactivate_impl(name),
+            reactivate=_impl("reactivate_", name),
         )
     return tuple.__new__(Reactivation, out)  # Reactivation._make(out) without its frame
 
@@ -456,14 +450,6 @@ def _check_float_arg(value: object, name: str, lo: float, hi: float) -> float:
     if not lo <= value <= hi:  # also rejects NaN
         raise ValueError(f"{name} must be in [{lo}, {hi}], got {value}")
     return value
-
-
-def _feature_map_stats_impl(backend: str) -> Callable[..., tuple[Tensor, ...]]:
-    if backend in ("cpp", "cuda"):
-        return torch.ops.craft_ext.feature_map_stats.default
-    if backend == "triton":
-        return torch.ops.craft_ext.feature_map_stats_triton.default
-    return reference.feature_map_stats
 
 
 def feature_map_stats(
@@ -508,7 +494,7 @@ def feature_map_stats(
     corr_threshold = _check_float_arg(corr_threshold, "corr_threshold", -1.0, 1.0)
     if not isinstance(return_corr, bool):
         raise TypeError(f"return_corr must be a bool, got {type(return_corr).__name__}")
-    impl = _feature_map_stats_impl(resolve_backend(fmap.device, "feature_map_stats", backend))
+    impl = _impl("feature_map_stats", resolve_backend(fmap.device, "feature_map_stats", backend))
     with torch.no_grad():
         total, corr, empty, redundant = impl(fmap, sum_threshold, corr_threshold, return_corr)
     return FeatureMapStats(total, corr if return_corr else None, empty, redundant)
