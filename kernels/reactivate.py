@@ -3,10 +3,14 @@
 Bhatta et al., "CRAFT: Contextual Re-Activation of Filters for face recognition Training",
 arXiv 2312.00072, sec. 4.3. The steps, all on the device and without a host synchronisation:
 
-1. the fused statistics kernel of ``filter_stats.py`` gives max |w| and L1 per filter;
+1. max |w| and L1 per filter as float32 ATen reductions of the logical-order rows, exactly
+   the reference's (donors are ranked by L1, and near-ties pair differently under any other
+   summation order; the CPU and CUDA kernels make the same choice), plus mean / std for
+   ``scaled_gaussian``;
 2. inactive / active masks, and the donor pairing of ``craft_ext.reference.craft_donors``
    (torch.sort / scatter on [N] vectors) or the scaled-Gaussian source (argmax of L1);
-3. :func:`_rewrite_rows_kernel` overwrites the reactivated rows in place and updates ``used``.
+3. :func:`_rewrite_rows_kernel` overwrites the reactivated rows in place; ``used`` is updated
+   with a torch op (it may be strided).
 
 The semantics are exactly those of ``craft_ext.reference.reactivate_``.
 """
@@ -20,7 +24,7 @@ from torch import Tensor
 
 from craft_ext.reference import craft_donors
 
-from .filter_stats import filter_rows, launch_filter_stats, rows_like, tile_shape
+from .filter_stats import filter_rows, rows_like, tile_shape
 
 __all__ = ["reactivate_triton_"]
 
@@ -31,9 +35,7 @@ _METHOD_CODES = {"craft": 0, "scaled_gaussian": 1, "random": 2}
 def _rewrite_rows_kernel(
     w_ptr,
     noise_ptr,
-    used_ptr,
     reactivated_ptr,
-    newly_used_ptr,
     donor_ptr,
     mean_ptr,
     std_ptr,
@@ -59,8 +61,8 @@ def _rewrite_rows_kernel(
       with s = ``source[0]`` the active filter of largest L1 norm;
     * 2, random: ``w[i, j] = noise[i, j] * scale`` with scale = sqrt(2 / K) (He normal).
 
-    Other rows are not touched. Also ``used[i] |= newly_used[i]`` (bool [N]; craft only).
-    ``noise`` is float32 [N, K] in the same element order as ``w`` (unused for craft).
+    Other rows are not touched. ``noise`` is float32 [N, K] (unit column stride) in the same
+    element order as ``w`` (unused for craft).
     Grid: (cdiv(N, BLOCK_N),). CRAFT: Bhatta et al., arXiv 2312.00072, sec. 4.3.
     """
     pid = tl.program_id(0)
@@ -69,9 +71,6 @@ def _rewrite_rows_kernel(
     hit = tl.load(reactivated_ptr + rows, mask=row_ok, other=0) != 0
     out_base = w_ptr + rows.to(tl.int64)[:, None] * row_stride
     if METHOD == 0:
-        fresh = tl.load(newly_used_ptr + rows, mask=row_ok, other=0) != 0
-        old = tl.load(used_ptr + rows, mask=row_ok, other=0) != 0
-        tl.store(used_ptr + rows, old | fresh, mask=row_ok)
         donor = tl.load(donor_ptr + rows, mask=row_ok, other=0)
         src_base = w_ptr + tl.maximum(donor, 0).to(tl.int64)[:, None] * row_stride
     else:
@@ -138,13 +137,16 @@ def reactivate_triton_(
     if rows is None:
         rows = target.view(n, k)
 
-    max_abs, l1, mean, std = launch_filter_stats(rows)
+    x = weight.reshape(n, k).to(torch.float32)  # logical order, as the reference
+    a = x.abs()
+    max_abs, l1 = a.amax(dim=1), a.sum(dim=1)
+    mean = std = l1  # placeholders, read by the kernel for scaled_gaussian only
     thr = torch.tensor(threshold, dtype=torch.float32, device=device)
     inactive = max_abs <= thr
     active = ~inactive & torch.isfinite(l1)
     any_active = active.any()
 
-    newly_used = used
+    newly_used = None
     donor = torch.full((n,), -1, dtype=torch.int64, device=device)
     source = torch.zeros((1,), dtype=torch.int64, device=device)
     noise_rows = rows  # placeholder pointer, never read for craft
@@ -154,8 +156,9 @@ def reactivate_triton_(
     else:
         if noise is None:
             raise ValueError(f"craft_ext: method {method!r} needs noise")
-        noise_rows = rows_like(noise, target).to(torch.float32)
+        noise_rows = rows_like(noise, target).to(torch.float32).contiguous()
         if method == "scaled_gaussian":
+            std, mean = torch.std_mean(x, dim=1, correction=0)
             source = torch.argmax(torch.where(active, l1, -torch.inf)).reshape(1)
             reactivated = inactive & any_active
             donor = torch.where(reactivated, source, -1)
@@ -167,9 +170,7 @@ def reactivate_triton_(
     torch.library.wrap_triton(_rewrite_rows_kernel)[grid](
         rows,
         noise_rows,
-        used,
         reactivated,
-        newly_used,
         donor,
         mean,
         std,
@@ -184,6 +185,8 @@ def reactivate_triton_(
         BLOCK_N=block_n,
         BLOCK_K=block_k,
     )
+    if newly_used is not None:
+        used.logical_or_(newly_used)
     if target is not weight:
         weight.copy_(target)
     return inactive, reactivated, donor, reactivated.sum()

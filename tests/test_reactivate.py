@@ -260,6 +260,25 @@ def test_compile_fullgraph(device, backend):
 
 
 @pytest.mark.parametrize("device,backend", backend_params())
+def test_strided_used_mask_and_float32_l1_near_ties(device, backend):
+    """``used`` may be a strided view (only its own elements change), and donors are ranked by
+    the reference's float32 L1: [1, e, e] and [e, e, 1] (e = 2^-24) tie in float32 summed in
+    this order but not in double, and the reference picks the later-ranked one (index 1)."""
+    require_backend(device, backend, "reactivate_")
+    w, _ = planted((8, 3, 3, 3), 4, seed=19, device=device)
+    base = torch.zeros(16, dtype=torch.bool, device=device)
+    w_ref, base_ref = w.clone(), base.clone()
+    run(w, base[::2], seed=4, backend=backend)
+    run(w_ref, base_ref[::2], seed=4, backend="reference")
+    assert torch.equal(base, base_ref) and not base[1::2].any() and torch.equal(w, w_ref)
+    e = 2.0**-24
+    ties = torch.tensor([[1.0, e, e], [e, e, 1.0], [1e-6, 1e-6, 1e-6]], device=device)
+    res = run(ties.clone(), None, backend=backend)
+    want = run(ties.clone(), None, backend="reference")
+    assert torch.equal(res.donor, want.donor) and int(want.donor[2]) == 1
+
+
+@pytest.mark.parametrize("device,backend", backend_params())
 def test_autograd_sees_the_in_place_write(device, backend):
     """Like torch's in-place ops, reactivate_ bumps the weight's version counter: a backward
     pass through a forward that saved the weight before it was reactivated raises."""
