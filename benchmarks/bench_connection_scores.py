@@ -7,7 +7,8 @@ Implementations, all float32 on the same Conv2d activations ``x [N, C, H, W]``,
   cross products ``[Ho*Wo, O, C*kh*kw]`` at once (the obvious implementation);
 * ``chunked``: :func:`craft_ext.sparsify.connection_scores` with ``backend="reference"`` (bands
   of output rows, bounded temporaries);
-* ``triton``: the implicit-im2col kernel (CUDA only here; the interpreter is far too slow).
+* ``triton``: the implicit-im2col kernel (CUDA only here, skipped where
+  ``craft_ext.available_backends`` lacks it; the interpreter is far too slow).
 
 Peak memory: on CUDA ``torch.cuda.max_memory_allocated`` above what was allocated before the
 call; on CPU the rise of the process's resident high-water mark (``VmHWM``, reset through
@@ -21,11 +22,11 @@ goes to ``extra_info``) or ``python benchmarks/bench_connection_scores.py`` for 
 from __future__ import annotations
 
 import argparse
+import functools
 import json
 import os
 import subprocess
 import sys
-import time
 from collections.abc import Callable
 from pathlib import Path
 
@@ -78,19 +79,14 @@ def make_case(name: str) -> tuple[nn.Conv2d, Tensor, Tensor]:
     return module, x, y
 
 
-def runnable(case: str, impl: str) -> str | None:
-    """Why ``impl`` cannot run ``case`` here (None when it can)."""
-    device = CASES[case][0]
-    if device == "cuda" and not CUDA:
-        return "needs a CUDA GPU"
-    if impl == "triton" and device != "cuda":
-        return "Triton runs on CUDA only in the benchmark (the interpreter is too slow)"
-    return None
+#: impl -> what ``tools.require`` checks: ``naive`` always runs, else the craft_ext backend
+BACKEND = {"unfold": "naive", "chunked": "reference", "triton": "triton"}
+OP = "connection_scores"
 
 
-def _sync(device: str) -> None:
-    if device == "cuda":
-        torch.cuda.synchronize()
+def needs_gpu(case: str) -> str | None:
+    """Why ``case`` cannot run here for lack of a GPU (None when it can)."""
+    return "needs a CUDA GPU" if CASES[case][0] == "cuda" and not CUDA else None
 
 
 def _rss_kib(field: str) -> int:
@@ -143,20 +139,21 @@ def measure_peak(case: str, impl: str) -> int | None:
 
 @pytest.mark.parametrize("impl", list(IMPLS))
 @pytest.mark.parametrize("case", list(CASES))
-def test_connection_scores_speed(benchmark, case: str, impl: str) -> None:
-    why = runnable(case, impl)
+def test_connection_scores_speed(benchmark, tools, case: str, impl: str) -> None:
+    why = needs_gpu(case)
     if why:
         pytest.skip(why)
+    device = CASES[case][0]
+    tools.require(device, OP, BACKEND[impl])  # Triton: CUDA only, and only where available
     module, x, y = make_case(case)
     fn = IMPLS[impl]
-    device = CASES[case][0]
     reference = unfold_scores(module, x, y)
     torch.testing.assert_close(fn(module, x, y).float(), reference, rtol=1e-3, atol=1e-3)
     benchmark.extra_info["peak_bytes"] = measure_peak(case, impl)
 
     def call() -> None:
         fn(module, x, y)
-        _sync(device)
+        tools.synchronize(device)
 
     benchmark.pedantic(call, rounds=5, iterations=1, warmup_rounds=1)
 
@@ -171,27 +168,25 @@ def main(argv: list[str] | None = None) -> None:
     if args.peak_only:
         print(json.dumps({"peak_bytes": measure_peak_here(*args.peak_only)}))
         return
+    from conftest import BenchTools  # benchmarks/ is sys.path[0] when run as a script
+
+    tools = BenchTools()
     torch.set_num_threads(args.threads)
     print(f"torch {torch.__version__}, threads {torch.get_num_threads()}, cuda={CUDA}")
     print(f"{'case':32s} {'impl':8s} {'median ms':>10s} {'peak MiB':>10s}")
     for case in CASES:
+        device = CASES[case][0]
         for impl in IMPLS:
-            if runnable(case, impl):
+            backend = BACKEND[impl]
+            usable = backend == "naive" or backend in tools.backends(device, OP)
+            if needs_gpu(case) or not usable:
                 continue
             module, x, y = make_case(case)
-            device = CASES[case][0]
-            IMPLS[impl](module, x, y)  # warm-up
-            times = []
-            for _ in range(args.repeat):
-                _sync(device)
-                t0 = time.perf_counter()
-                IMPLS[impl](module, x, y)
-                _sync(device)
-                times.append(time.perf_counter() - t0)
-            times.sort()
+            call = functools.partial(IMPLS[impl], module, x, y)
+            seconds = tools.median_seconds(call, device, rounds=args.repeat)
             peak = measure_peak(case, impl)
             peak_s = "n/a" if peak is None else f"{peak / 2**20:.1f}"
-            print(f"{case:32s} {impl:8s} {1e3 * times[len(times) // 2]:10.1f} {peak_s:>10s}")
+            print(f"{case:32s} {impl:8s} {1e3 * seconds:10.1f} {peak_s:>10s}")
 
 
 if __name__ == "__main__":

@@ -165,6 +165,12 @@ def resolve_backend(device: torch.device, op: str, backend: str | None = None) -
         # interpreted Triton on CPU (TRITON_INTERPRET=1) is for testing, never chosen by auto
         return next(b for b in usable if not (b == "triton" and device.type == "cpu"))
     if requested not in usable:
+        compiled = extension_loaded() and torch._C._dispatch_has_kernel(f"craft_ext::{op}")
+        if requested in ("cpp", "cuda") and extension_loaded() and not compiled:
+            raise RuntimeError(
+                f"craft_ext: {op} has no compiled (C++ / CUDA) kernel; backends for it: "
+                f"{list(usable)}"
+            )
         why = {
             "cpp": "needs a CPU tensor and the compiled extension "
             f"(extension_loaded()={extension_loaded()})",

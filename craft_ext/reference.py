@@ -25,6 +25,7 @@ __all__ = [
     "craft_donors",
     "kaiming_std",
     "feature_map_stats",
+    "connection_scores",
 ]
 
 
@@ -266,3 +267,74 @@ def feature_map_stats(
     if not return_corr:
         corr = corr.new_empty((b, 0, 0))
     return total, corr, empty, redundant
+
+
+def connection_scores(
+    x: Tensor,
+    y: Tensor,
+    kh: int,
+    kw: int,
+    stride_h: int,
+    stride_w: int,
+    pad_top: int,
+    pad_left: int,
+    dil_h: int,
+    dil_w: int,
+    absolute: bool,
+    splits: int = 0,
+) -> Tensor:
+    """Correlation scores ``[O, C*kh*kw]`` of the connections between a convolution's input
+    ``x`` [N, C, H, W] and output ``y`` [N, O, Ho, Wo] (Sun, Wang and Tang, CVPR 2016).
+
+    Same arguments as ``torch.ops.craft_ext.connection_scores_triton`` (``kernels/
+    connection_scores.py``)::
+
+        out[i, k] = sum_m f(corr_n(y[n, i, m], b[n, k, m]))     f = |.| if absolute else identity
+
+    with ``b[n, (c, p, q), m] = x[n, c, oh*stride_h - pad_top + p*dil_h, ow*stride_w -
+    pad_left + q*dil_w]`` (0 outside the image) at output position ``m = (oh, ow)``: Eq. 2 for
+    a convolution, Eq. 1 (signed, one position) for a fully connected layer passed as a 1x1
+    convolution. Correlations are over the N samples; a neuron constant over the samples
+    (values are shifted by sample 0 first, so it becomes exactly 0) correlates 0 with
+    everything; correlations are clamped to [-1, 1].
+
+    ``splits``: the ``Ho`` output rows are cut into this many bands of consecutive rows (at
+    most ``Ho``), one ``F.unfold`` each, whose partial sums are added, so that the whole im2col
+    tensor ``[N, C*kh*kw, Ho*Wo]`` never exists; 0 (or less): a single band.
+
+    Computed in float64 when ``x`` or ``y`` is float64 (the result is then float64), else in
+    float32 (the Triton operator always returns float32). The caller validates shapes
+    (:func:`craft_ext.sparsify.connection_scores`).
+    """
+    fn = torch.nn.functional
+    dtype = torch.float64 if torch.float64 in (x.dtype, y.dtype) else torch.float32
+    n, c, h, w = x.shape
+    o, ho, wo = y.shape[1], y.shape[2], y.shape[3]
+    # rows / columns of the zero-padded input that the output positions reach
+    need_h = (ho - 1) * stride_h + dil_h * (kh - 1) + 1
+    need_w = (wo - 1) * stride_w + dil_w * (kw - 1) + 1
+    pads = (pad_left, max(0, need_w - pad_left - w), pad_top, max(0, need_h - pad_top - h))
+    xp = fn.pad(x.to(dtype), pads)[:, :, :, :need_w]
+    yd = y.to(dtype)
+    rows = max(1, ho if splits <= 0 else -(-ho // min(splits, ho)))
+
+    def centred(t: Tensor) -> tuple[Tensor, Tensor]:
+        """[N, F, P] -> the values as [P, N, F] centred over N (after the shift by sample 0)
+        and 1 / sqrt(sum over N of their squares) [P, F] (0 where that sum is 0)."""
+        t = t.permute(2, 0, 1).clone(memory_format=torch.contiguous_format)
+        t.sub_(t[:, :1].clone())
+        t.sub_(t.mean(1, keepdim=True))
+        sq = (t * t).sum(1)
+        return t, torch.where(sq > 0, torch.rsqrt(torch.where(sq > 0, sq, 1.0)), 0.0)
+
+    total = torch.zeros((o, c * kh * kw), dtype=dtype, device=x.device)
+    for r0 in range(0, ho, rows):
+        r1 = min(ho, r0 + rows)
+        band = xp[:, :, r0 * stride_h : (r1 - 1) * stride_h + dil_h * (kh - 1) + 1, :]
+        b = fn.unfold(band, (kh, kw), dilation=(dil_h, dil_w), stride=(stride_h, stride_w))
+        a, inv_a = centred(yd[:, :, r0:r1, :].reshape(n, o, -1))  # [P, N, O]
+        b, inv_b = centred(b)  # [P, N, K]
+        r = torch.bmm(a.transpose(1, 2), b)  # [P, O, K] centred cross products
+        r.mul_(inv_a.unsqueeze(2)).mul_(inv_b.unsqueeze(1)).clamp_(-1.0, 1.0)
+        total += (r.abs_() if absolute else r).sum(0)
+    return total

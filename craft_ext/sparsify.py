@@ -23,8 +23,9 @@ down. This module provides the three pieces:
   A neuron that is constant over the samples (a dead unit, or a patch element lying in the
   padding) has correlation 0 with everything.
 
-  The CPU path (``backend="reference"``) walks over chunks of output rows and never holds the
-  whole im2col tensor ``[N, C*kh*kw, Ho*Wo]``; the Triton kernel
+  The PyTorch path (``backend="reference"``, :func:`craft_ext.reference.connection_scores`)
+  walks over bands of output rows and never holds the whole im2col tensor
+  ``[N, C*kh*kw, Ho*Wo]``; the Triton kernel
   (``craft_ext::connection_scores_triton``, ``kernels/connection_scores.py``) gathers the patch
   elements on the fly (implicit im2col) and accumulates centred moments per output position.
 
@@ -45,15 +46,15 @@ the chunking depend on shapes only.
 
 from __future__ import annotations
 
-from collections.abc import Callable, Iterable, Mapping, Sequence
+from collections.abc import Callable, Iterable, Iterator, Mapping, Sequence
 from typing import Any
 
 import torch
-import torch.nn.functional as F
 from torch import Tensor, nn
 from torch.nn.utils import prune
 
-from .ops import resolve_backend
+from . import reference
+from .ops import _FLOAT_DTYPES, _check_float_arg, _check_generator, resolve_backend
 
 __all__ = [
     "apply_masks",
@@ -65,8 +66,7 @@ __all__ = [
     "trainer_retrain_fn",
 ]
 
-_FLOAT_DTYPES = (torch.float16, torch.bfloat16, torch.float32, torch.float64)
-#: Default budget (elements) of one chunk's temporaries in the CPU path.
+#: Default budget (elements) of one chunk's temporaries in the PyTorch (reference) path.
 DEFAULT_CHUNK_ELEMENTS = 1 << 21
 
 
@@ -111,7 +111,10 @@ def _conv_geometry(module: nn.Conv2d) -> tuple[int, int, int, int, int, int, int
     return kh, kw, sh, sw, *pads, dh, dw
 
 
-def _check_pair(module: nn.Module, x: Tensor, y: Tensor) -> None:
+def _check_pair(module: nn.Module, x: Tensor, y: Tensor) -> tuple[int, ...]:
+    """Check ``x`` / ``y`` against ``module``; return the operator's geometry arguments
+    ``(kh, kw, stride_h, stride_w, pad_top, pad_left, dil_h, dil_w)`` (a Linear layer is a
+    1x1 convolution)."""
     if x.device != y.device:
         raise ValueError(f"inputs and outputs must be on one device, got {x.device}, {y.device}")
     if isinstance(module, nn.Linear):
@@ -124,7 +127,7 @@ def _check_pair(module: nn.Module, x: Tensor, y: Tensor) -> None:
                 f"Linear outputs must be [{', '.join(map(str, x.shape[:-1]))}, "
                 f"{module.out_features}] to match inputs {tuple(x.shape)}, got {tuple(y.shape)}"
             )
-        return
+        return (1, 1, 1, 1, 0, 0, 1, 1)
     kh, kw, sh, sw, pt, pb, pl, pr, dh, dw = _conv_geometry(module)  # type: ignore[arg-type]
     if x.dim() != 4 or x.shape[1] != module.in_channels:  # type: ignore[union-attr]
         raise ValueError(
@@ -137,59 +140,19 @@ def _check_pair(module: nn.Module, x: Tensor, y: Tensor) -> None:
         raise ValueError(
             f"Conv2d outputs must be {want} for inputs {tuple(x.shape)}, got {tuple(y.shape)}"
         )
+    return (kh, kw, sh, sw, pt, pl, dh, dw)
 
 
-def _centred_copy(t: Tensor) -> Tensor:
-    """``t`` [N, F, P] as a contiguous [P, N, F] copy centred over the samples N, after a
-    shift by sample 0 so that values constant over the samples become exactly 0."""
-    t = t.permute(2, 0, 1).clone(memory_format=torch.contiguous_format)
-    t.sub_(t[:, :1].clone())
-    return t.sub_(t.mean(1, keepdim=True))
-
-
-def _inv_norm(t: Tensor) -> Tensor:
-    """1 / sqrt(sum over dim 1 of t^2), 0 where that sum is 0: [P, N, F] -> [P, F]."""
-    sq = (t * t).sum(1)
-    return torch.where(sq > 0, torch.rsqrt(torch.where(sq > 0, sq, 1.0)), 0.0)
-
-
-def _chunk_scores(a: Tensor, b: Tensor, absolute: bool) -> Tensor:
-    """Sum over positions p of corr_n(a[n, i, p], b[n, k, p]) (or of its magnitude).
-
-    ``a`` [N, O, P], ``b`` [N, K, P] in the compute dtype; returns [O, K].
-    """
-    a = _centred_copy(a)  # [P, N, O]
-    b = _centred_copy(b)  # [P, N, K]
-    r = torch.bmm(a.transpose(1, 2), b)  # [P, O, K] centred cross products
-    r.mul_(_inv_norm(a).unsqueeze(2)).mul_(_inv_norm(b).unsqueeze(1)).clamp_(-1.0, 1.0)
-    return (r.abs_() if absolute else r).sum(0)
-
-
-def _scores_torch(
-    x: Tensor,
-    y: Tensor,
-    geometry: tuple[int, ...],
-    absolute: bool,
-    chunk_elements: int,
-) -> Tensor:
-    """Chunked path: x [N, C, H, W], y [N, O, Ho, Wo] -> [O, C*kh*kw] in the compute dtype."""
-    kh, kw, sh, sw, pt, pb, pl, pr, dh, dw = geometry
-    dtype = torch.float64 if torch.float64 in (x.dtype, y.dtype) else torch.float32
+def _row_bands(x: Tensor, y: Tensor, kh: int, kw: int, chunk_elements: int) -> int:
+    """How many bands of output rows keep the largest temporary of the PyTorch path
+    (:func:`craft_ext.reference.connection_scores`) within ``chunk_elements`` (at least one
+    row per band). From shapes only."""
     n, c = x.shape[:2]
     o, ho, wo = y.shape[1:]
     k = c * kh * kw
-    xp = F.pad(x.to(dtype), (pl, pr, pt, pb))
-    y = y.to(dtype)
     per_row = max(n * k, n * o, o * k) * wo  # elements of the largest temporary, per row
     rows = max(1, min(ho, chunk_elements // per_row))
-    total = torch.zeros((o, k), dtype=dtype, device=x.device)
-    for r0 in range(0, ho, rows):
-        r1 = min(ho, r0 + rows)
-        band = xp[:, :, r0 * sh : (r1 - 1) * sh + dh * (kh - 1) + 1, :]
-        b = F.unfold(band, (kh, kw), dilation=(dh, dw), stride=(sh, sw))  # [N, K, rows*Wo]
-        a = y[:, :, r0:r1, :].reshape(n, o, -1)
-        total += _chunk_scores(a, b, absolute)
-    return total
+    return -(-ho // rows)
 
 
 def connection_scores(
@@ -211,9 +174,13 @@ def connection_scores(
             Conv2d ``[N, C, H, W]``; a 1-tuple (as a forward hook gets) is accepted.
         outputs: what it returned (before any activation): Linear ``[N, ..., O]``, Conv2d
             ``[N, O, Ho, Wo]``.
-        backend: ``"reference"`` (chunked PyTorch, any device) or ``"triton"`` (the fused
-            kernel: CUDA, or CPU with ``TRITON_INTERPRET=1``). Default / ``"auto"``: Triton on
-            CUDA when available, the chunked PyTorch path otherwise.
+        backend: ``"reference"`` (:func:`craft_ext.reference.connection_scores`: chunked
+            PyTorch, any device) or ``"triton"`` (the fused kernel: CUDA, or CPU with
+            ``TRITON_INTERPRET=1``). ``None`` takes :func:`craft_ext.use_backend`'s choice, else
+            ``$CRAFT_EXT_BACKEND``, else ``"auto"``: Triton on CUDA when available, the chunked
+            PyTorch path otherwise (interpreted Triton is never picked automatically). A
+            backend that cannot run here (e.g. ``"cpp"``: there is no compiled kernel for this
+            op) raises ``RuntimeError``.
         chunk_elements: element budget of one chunk's largest temporary in the PyTorch path
             (a chunk holds at least one output row).
 
@@ -227,37 +194,26 @@ def connection_scores(
         raise TypeError(f"module must be nn.Linear or nn.Conv2d, got {type(module).__name__}")
     x = _single_tensor(inputs, "inputs")
     y = _single_tensor(outputs, "outputs")
-    _check_pair(module, x, y)
+    geometry = _check_pair(module, x, y)
     if isinstance(chunk_elements, bool) or not isinstance(chunk_elements, int):
         raise TypeError(f"chunk_elements must be an int, got {type(chunk_elements).__name__}")
     if chunk_elements < 1:
         raise ValueError(f"chunk_elements must be >= 1, got {chunk_elements}")
+    absolute = isinstance(module, nn.Conv2d)  # Eq. 2 sums |corr|; Eq. 1 keeps the sign
     if isinstance(module, nn.Linear):
         x = x.reshape(-1, module.in_features, 1, 1)
         y = y.reshape(-1, module.out_features, 1, 1)
-        geometry: tuple[int, ...] = (1, 1, 1, 1, 0, 0, 0, 0, 1, 1)
-        absolute = False
-    else:
-        geometry = _conv_geometry(module)
-        absolute = True
     if x.shape[0] < 2:
         raise ValueError(f"need at least 2 samples to correlate, got {x.shape[0]}")
-    if backend in (None, "auto") and x.device.type != "cuda":
-        chosen = "reference"
-    else:
-        chosen = resolve_backend(x.device, "connection_scores", backend)
-        if chosen not in ("triton", "reference"):
-            chosen = "reference"
+    chosen = resolve_backend(x.device, "connection_scores", backend)
     with torch.no_grad():
         if chosen == "triton":
-            kh, kw, sh, sw, pt, _, pl, _, dh, dw = geometry
-            out = torch.ops.craft_ext.connection_scores_triton(
-                x, y, kh, kw, sh, sw, pt, pl, dh, dw, absolute
-            )
+            out = torch.ops.craft_ext.connection_scores_triton(x, y, *geometry, absolute)
             if torch.float64 in (x.dtype, y.dtype):
                 out = out.double()
-        else:
-            out = _scores_torch(x, y, geometry, absolute, chunk_elements)
+        else:  # "reference": the only other backend this op has
+            splits = _row_bands(x, y, geometry[0], geometry[1], chunk_elements)
+            out = reference.connection_scores(x, y, *geometry, absolute, splits)
     return out.reshape(module.weight.shape)
 
 
@@ -275,19 +231,18 @@ def _check_density(density: object) -> float:
     return density
 
 
-def _rank_within(keys: Sequence[Tensor], groups: Tensor, num_groups: int) -> Tensor:
-    """Per row, the rank of each element within its group after sorting by ``keys``.
+def _rank_within(key: Tensor, groups: Tensor, num_groups: int) -> Tensor:
+    """Per row, the rank of each element within its group in ascending order of ``key``
+    (ties broken by position).
 
-    ``keys`` are sort keys, most significant last (each applied with a stable ascending sort);
-    ``groups`` [R, K] int64 in ``[0, num_groups)``. Returns int64 [R, K].
+    ``key`` [R, K]; ``groups`` [R, K] int64 in ``[0, num_groups)``. Returns int64 [R, K].
     """
-    order = torch.arange(groups.shape[1], device=groups.device).expand_as(groups)
-    for key in keys:
-        idx = torch.sort(key.gather(1, order), dim=1, stable=True).indices
-        order = order.gather(1, idx)
+    order = torch.sort(key, dim=1, stable=True).indices
     idx = torch.sort(groups.gather(1, order), dim=1, stable=True).indices
     order = order.gather(1, idx)
-    sizes = F.one_hot(groups, num_groups).sum(1)  # [R, G]
+    sizes = torch.zeros(
+        (groups.shape[0], num_groups), dtype=groups.dtype, device=groups.device
+    ).scatter_add_(1, groups, torch.ones_like(groups))  # [R, G] group sizes
     starts = torch.cumsum(sizes, 1) - sizes
     position = torch.empty_like(order).scatter_(
         1, order, torch.arange(groups.shape[1], device=groups.device).expand_as(order)
@@ -338,12 +293,8 @@ def dropping_mask(
     if not scores.is_floating_point():
         raise TypeError(f"scores must be floating point, got {scores.dtype}")
     density = _check_density(density)
-    if isinstance(lam, bool) or not isinstance(lam, (int, float)) or not 0.0 <= lam <= 1.0:
-        raise ValueError(f"lam must be a float in [0, 1], got {lam!r}")
-    if generator is not None and generator.device.type != scores.device.type:
-        raise ValueError(
-            f"generator must be on {scores.device.type}, got a generator on {generator.device}"
-        )
+    lam = _check_float_arg(lam, "lam", 0.0, 1.0)
+    _check_generator(generator, scores.device)
     rows, k = scores.shape[0], scores[0].numel()
     s = scores.detach().reshape(rows, k).double()
     keep = float(min(k, max(1, round(density * k))))
@@ -357,7 +308,7 @@ def dropping_mask(
     keep_by_sign = torch.stack([keep_pos, keep_t - keep_pos], 1)  # [R, 2]
     size_by_sign = torch.stack([k_pos, k_neg], 1)
     # rank by magnitude (descending) within each sign
-    rank = _rank_within([-magnitude], sign, 2)
+    rank = _rank_within(-magnitude, sign, 2)
     high_size = torch.ceil(size_by_sign / 2)
     low_size = size_by_sign - high_size
     in_low = (rank.double() >= high_size.gather(1, sign)).long()
@@ -373,7 +324,7 @@ def dropping_mask(
     )  # groups: pos-high, pos-low, neg-high, neg-low
     group = 2 * sign + in_low
     u = torch.rand(s.shape, generator=generator, device=s.device)
-    random_rank = _rank_within([u], group, 4)
+    random_rank = _rank_within(u, group, 4)
     mask = random_rank.double() < quota.gather(1, group)
     return mask.reshape(scores.shape)
 
@@ -524,6 +475,8 @@ def layerwise_schedule(
     Args:
         density: fraction of connections kept, one float or ``{layer: density}``.
         retrain_fn: called after each layer is masked; None skips retraining.
+        data: re-iterable batches (a DataLoader, a list; not a one-shot iterator or
+            generator): it is run through once per layer.
         generator: for the random draws of :func:`dropping_mask` (on the model's device type).
 
     Returns:
@@ -531,6 +484,11 @@ def layerwise_schedule(
     """
     if isinstance(layers, str) or not layers:
         raise ValueError("layers must be a non-empty sequence of submodule names (top-down)")
+    if isinstance(data, Iterator):  # iter(data) is data: exhausted after the first layer
+        raise TypeError(
+            f"data must be re-iterable (e.g. a DataLoader or a list of batches): it is read once "
+            f"per layer, got a one-shot iterator ({type(data).__name__})"
+        )
     plan = []
     for name in layers:  # validate everything before the first (costly) step
         module = _named_module(model, name)

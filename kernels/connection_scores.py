@@ -13,6 +13,9 @@ convolution. Each program owns a ``BLOCK_O x BLOCK_K`` tile of the scores and, f
 output position, reads the samples twice: once for the sums of the values shifted by sample 0
 (so a constant neuron becomes exactly zero), once for the centred cross products (``tl.dot``,
 IEEE float32) and squares. Patch elements are gathered on the fly, so no im2col tensor exists.
+
+The pure-PyTorch reference with the same arguments is
+:func:`craft_ext.reference.connection_scores`.
 """
 
 from __future__ import annotations

@@ -1,222 +1,18 @@
-"""craft_ext.sparsify: correlation scores against a float64 unfold/corrcoef reference, the
-Triton kernel under the interpreter, the dropping rule, masks through training, the schedule."""
+"""craft_ext.sparsify: the dropping rule, masks through training, the layer-wise schedule.
+
+The scores themselves (``connection_scores`` and its backends) are tested in
+test_connection_scores.py."""
 
 from __future__ import annotations
 
 import pytest
 import torch
 import torch.nn.functional as F
-from helpers import OPCHECK_TESTS
 from hypothesis import given, settings
 from hypothesis import strategies as st
 from torch import nn
 
-import craft_ext
 from craft_ext import sparsify as sp
-
-
-def corr_with_zero_constants(z: torch.Tensor) -> torch.Tensor:
-    """float64 Pearson matrix of the rows of ``z`` (variables x samples); constant rows -> 0."""
-    z = z.double()
-    c = torch.corrcoef(z)
-    const = (z == z[:, :1]).all(1)
-    c[const, :] = 0.0
-    c[:, const] = 0.0
-    return c
-
-
-def reference_linear(x: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
-    x = x.reshape(-1, x.shape[-1])
-    y = y.reshape(-1, y.shape[-1])
-    o = y.shape[1]
-    return corr_with_zero_constants(torch.cat([y, x], 1).T)[:o, o:]
-
-
-def reference_conv(mod: nn.Conv2d, x: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
-    """Eq. 2 through the full float64 im2col (F.unfold) and corrcoef per output position."""
-    pad = mod._reversed_padding_repeated_twice
-    b = F.unfold(F.pad(x.double(), pad), mod.kernel_size, mod.dilation, 0, mod.stride)
-    a = y.double().reshape(y.shape[0], y.shape[1], -1)
-    o = a.shape[1]
-    assert b.shape[2] == a.shape[2]
-    out = torch.zeros(o, b.shape[1], dtype=torch.float64)
-    for m in range(a.shape[2]):
-        out += corr_with_zero_constants(torch.cat([a[:, :, m], b[:, :, m]], 1).T)[:o, o:].abs()
-    return out.reshape(mod.weight.shape)
-
-
-def conv_case(cin, cout, kernel, stride, padding, dilation, n=6, hw=(7, 6), seed=0):
-    g = torch.Generator().manual_seed(seed)
-    mod = nn.Conv2d(cin, cout, kernel, stride=stride, padding=padding, dilation=dilation)
-    x = torch.randn((n, cin, *hw), generator=g, dtype=torch.float64)
-    x[:, 0, 1, :] = 0.25  # a row constant over samples
-    with torch.no_grad():
-        y = F.conv2d(
-            x, mod.weight.double(), mod.bias.double(), mod.stride, mod.padding, mod.dilation
-        )
-    return mod, x, y
-
-
-CONV_CASES = [
-    (3, 5, 3, 1, 1, 1),
-    (2, 3, (3, 2), (2, 1), (1, 2), (1, 2)),
-    (3, 4, 1, 2, 0, 1),
-    (1, 2, (2, 3), (1, 3), (0, 1), (2, 1)),
-    (2, 3, 3, 1, "same", 2),
-]
-
-
-# --------------------------------------------------------------------------------------------
-# Scores
-# --------------------------------------------------------------------------------------------
-
-
-@pytest.mark.parametrize("case", CONV_CASES, ids=str)
-def test_conv_scores_match_unfold_reference(case):
-    mod, x, y = conv_case(*case)
-    want = reference_conv(mod, x, y)
-    got = sp.connection_scores(mod, x, y, backend="reference")
-    assert got.shape == mod.weight.shape and got.dtype == torch.float64
-    torch.testing.assert_close(got, want, rtol=0, atol=1e-10)
-    # tiny chunks (one output row at a time) give the same answer
-    chunked = sp.connection_scores(mod, x, y, backend="reference", chunk_elements=1)
-    torch.testing.assert_close(chunked, want, rtol=0, atol=1e-10)
-    # float32 activations: float32 result within float32 accuracy
-    got32 = sp.connection_scores(mod, (x.float(),), (y.float(),), backend="reference")
-    assert got32.dtype == torch.float32
-    torch.testing.assert_close(got32.double(), want, rtol=0, atol=2e-5 * y[0, 0].numel())
-
-
-def test_conv_scores_large_mean_and_padding_only_taps():
-    mod, x, y = conv_case(2, 3, 3, 1, 2, 2, n=9, hw=(5, 5))
-    x = x + 1e3  # large means: centring keeps the float32 path accurate
-    y = y + 1e3
-    want = reference_conv(mod, x, y)
-    got = sp.connection_scores(mod, x.float(), y.float(), backend="reference")
-    torch.testing.assert_close(got.double(), want, rtol=0, atol=5e-3)
-
-
-def test_linear_scores_match_corrcoef():
-    g = torch.Generator().manual_seed(1)
-    lin = nn.Linear(7, 5).double()
-    x = torch.randn(4, 3, 7, generator=g, dtype=torch.float64)  # leading dims are samples
-    x[..., 2] = -3.0  # constant input neuron
-    with torch.no_grad():
-        y = lin(x)
-        y[..., 4] = 0.5  # dead output neuron
-    want = reference_linear(x, y)
-    x_before, y_before = x.clone(), y.clone()
-    got = sp.connection_scores(lin, x, y)
-    assert torch.equal(x, x_before) and torch.equal(y, y_before)  # inputs untouched
-    assert got.shape == lin.weight.shape
-    torch.testing.assert_close(got, want, rtol=0, atol=1e-12)
-    assert (got[:, 2] == 0).all() and (got[4] == 0).all()
-    assert (got < 0).any() and (got > 0).any()  # signed for Linear
-    got32 = sp.connection_scores(lin, x.float(), y.float())
-    torch.testing.assert_close(got32.double(), want, rtol=0, atol=1e-5)
-
-
-def _require_triton():
-    if "triton" not in craft_ext.available_backends("cpu", "connection_scores"):
-        pytest.skip("Triton (interpreter) not available for connection_scores")
-
-
-@pytest.mark.parametrize("case", CONV_CASES[:3], ids=str)
-def test_triton_kernel_matches_reference(case):
-    _require_triton()
-    mod, x, y = conv_case(*case, n=5, hw=(5, 4))
-    want = reference_conv(mod, x, y)
-    # non-contiguous float32 input (channels_last) exercises the strides
-    xs = x.float().contiguous(memory_format=torch.channels_last)
-    got = sp.connection_scores(mod, xs, y.float(), backend="triton")
-    assert got.dtype == torch.float32 and got.shape == mod.weight.shape
-    torch.testing.assert_close(got.double(), want, rtol=0, atol=1e-5 * y[0, 0].numel())
-
-
-def test_triton_kernel_position_splits():
-    _require_triton()
-    mod, x, y = conv_case(2, 3, 3, 2, 1, 1, n=4, hw=(6, 5))
-    op = torch.ops.craft_ext.connection_scores_triton
-    whole = op(x.float(), y.float(), 3, 3, 2, 2, 1, 1, 1, 1, True)
-    for splits in (2, 5, 100):  # 100 > Ho*Wo: clamped to one position per range
-        parts = op(x.float(), y.float(), 3, 3, 2, 2, 1, 1, 1, 1, True, splits)
-        torch.testing.assert_close(parts, whole, rtol=0, atol=1e-5)
-    want = reference_conv(mod, x, y).reshape(3, -1)
-    torch.testing.assert_close(whole.double(), want, rtol=0, atol=1e-4)
-
-
-def test_triton_kernel_linear_and_float64():
-    _require_triton()
-    g = torch.Generator().manual_seed(2)
-    lin = nn.Linear(18, 17).double()
-    x = torch.randn(20, 18, generator=g, dtype=torch.float64)  # spans two sample blocks
-    x[:, 5] = 2.0
-    with torch.no_grad():
-        y = lin(x)
-    got = sp.connection_scores(lin, x, y, backend="triton")
-    assert got.dtype == torch.float64
-    torch.testing.assert_close(got, reference_linear(x, y), rtol=0, atol=1e-5)
-    assert (got[:, 5] == 0).all()
-
-
-@pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16])
-@pytest.mark.parametrize("backend", ["reference", "triton"])
-def test_half_precision_activations(dtype, backend):
-    if backend == "triton":
-        _require_triton()
-    mod, x, y = conv_case(2, 3, 3, 1, 1, 1, n=5, hw=(4, 4))
-    x, y = x.to(dtype), y.to(dtype)
-    got = sp.connection_scores(mod, x, y, backend=backend)
-    assert got.dtype == torch.float32
-    want = reference_conv(mod, x, y)  # float64 of the rounded activations
-    torch.testing.assert_close(got.double(), want, rtol=0, atol=1e-4)
-
-
-def test_triton_op_fake_and_schema():
-    _require_triton()
-    x = torch.randn(3, 2, 4, 4)
-    y = torch.randn(3, 3, 2, 2)
-    op = torch.ops.craft_ext.connection_scores_triton.default
-    args = (x, y, 3, 3, 1, 1, 0, 0, 1, 1, True)
-    torch.library.opcheck(op, args, test_utils=[t for t in OPCHECK_TESTS if "aot" not in t])
-    from torch._subclasses.fake_tensor import FakeTensorMode
-
-    with FakeTensorMode() as mode:
-        out = op(mode.from_tensor(x), mode.from_tensor(y), 3, 3, 1, 1, 0, 0, 1, 1, True)
-    assert out.shape == (3, 18) and out.dtype == torch.float32
-
-
-def test_score_errors():
-    conv = nn.Conv2d(2, 3, 3)
-    x = torch.randn(4, 2, 5, 5)
-    y = conv(x).detach()
-    with pytest.raises(TypeError, match="nn.Linear or nn.Conv2d"):
-        sp.connection_scores(nn.Conv1d(2, 3, 3), x, y)
-    with pytest.raises(ValueError, match="inputs must be"):
-        sp.connection_scores(conv, x[0], y)  # wrong rank
-    with pytest.raises(ValueError, match="inputs must be"):
-        sp.connection_scores(conv, x[:, :1], y)  # wrong channels
-    with pytest.raises(ValueError, match="outputs must be"):
-        sp.connection_scores(conv, x, y[:, :, :2])
-    with pytest.raises(ValueError, match="outputs must be"):
-        sp.connection_scores(conv, x, y[:3])
-    with pytest.raises(ValueError, match="groups=1"):
-        grouped = nn.Conv2d(2, 4, 3, groups=2)
-        sp.connection_scores(grouped, x, grouped(x).detach())
-    with pytest.raises(ValueError, match="padding_mode"):
-        sp.connection_scores(nn.Conv2d(2, 3, 3, padding=1, padding_mode="reflect"), x, y)
-    with pytest.raises(ValueError, match="at least 2 samples"):
-        sp.connection_scores(conv, x[:1], y[:1])
-    with pytest.raises(TypeError, match="float"):
-        sp.connection_scores(conv, x.long(), y)
-    lin = nn.Linear(5, 3)
-    with pytest.raises(ValueError, match="Linear inputs"):
-        sp.connection_scores(lin, torch.randn(5), torch.randn(3))
-    with pytest.raises(ValueError, match="Linear outputs"):
-        sp.connection_scores(lin, torch.randn(4, 5), torch.randn(3, 3))
-    with pytest.raises(ValueError, match="chunk_elements"):
-        sp.connection_scores(conv, x, y, chunk_elements=0)
-
 
 # --------------------------------------------------------------------------------------------
 # Dropping masks
@@ -316,6 +112,15 @@ def test_mask_errors():
         sp.dropping_mask(s, "0.5")
     with pytest.raises(ValueError, match="lam"):
         sp.dropping_mask(s, 0.5, lam=1.5)
+    for bad in (-0.1, float("nan")):
+        with pytest.raises(ValueError, match="lam"):
+            sp.dropping_mask(s, 0.5, lam=bad)
+    for bad in ("0.5", True, None):
+        with pytest.raises(TypeError, match="lam"):
+            sp.dropping_mask(s, 0.5, lam=bad)
+    for bad in (0, "cpu", torch.device("cpu")):
+        with pytest.raises(TypeError, match="generator"):
+            sp.dropping_mask(s, 0.5, generator=bad)
     with pytest.raises(ValueError, match="at least 2 dims"):
         sp.dropping_mask(torch.rand(5), 0.5)
     with pytest.raises(TypeError, match="floating"):
@@ -442,30 +247,32 @@ def test_schedule_errors():
     assert not any(hasattr(m, "weight_mask") for m in net.modules())
 
 
-class _PlainSGD(torch.optim.SGD):
-    """Stand-in for craft_ext.ReactivatingSGD where this checkout lacks it (no reactivation)."""
+def test_schedule_rejects_one_shot_iterators():
+    """``data`` is run once per layer: an iterator would be empty for the second layer, after
+    the first was already masked, so it is refused before anything is touched."""
+    net = tiny_net()
+    before = {k: v.clone() for k, v in net.state_dict().items()}
+    calls = []
+    batches = toy_batches(2)
+    one_shot = [iter(batches), (b for b in batches), map(lambda b: b, batches)]
+    for data in one_shot:
+        with pytest.raises(TypeError, match="re-iterable"):
+            sp.layerwise_schedule(net, ["5", "0"], 0.5, lambda m, n: calls.append(n), data)
+    assert not calls
+    assert not any(hasattr(m, "weight_mask") for m in net.modules())
+    after = net.state_dict()
+    assert after.keys() == before.keys()
+    assert all(torch.equal(after[k], v) for k, v in before.items())
+    assert next(one_shot[0]) is batches[0]  # nothing was consumed either
+    # a re-iterable (list / tuple) runs every layer
+    masks = sp.layerwise_schedule(net, ["5", "0"], 0.5, lambda m, n: calls.append(n), batches)
+    assert calls == ["5", "0"] and list(masks) == ["5", "0"]
 
-    def __init__(
-        self,
-        params,
-        *,
-        reactivate=(),
-        method="craft",
-        threshold=0.0,
-        interval=None,
-        seed=0,
-        **kwargs,
-    ):
-        super().__init__(params, **kwargs)
 
-
-def test_schedule_through_craft_trainer(tmp_path, monkeypatch):
+def test_schedule_through_craft_trainer(tmp_path):
     import itertools
 
     from craft_ext.train import Trainer, parse_config
-
-    if not hasattr(craft_ext, "ReactivatingSGD"):
-        monkeypatch.setattr(craft_ext, "ReactivatingSGD", _PlainSGD, raising=False)
 
     argv = ["--data", "toy:6:4", "--image-size", "16", "--width", "0.25", "--embedding-size"]
     argv += ["16", "--batch-size", "8", "--workers", "0", "--no-progress", "--val", "toy"]
