@@ -146,6 +146,12 @@ def test_nan_loss_stops_and_keeps_last_good_checkpoint(tmp_path, monkeypatch):
     assert all(torch.isfinite(v).all() for v in good["backbone"].values() if v.is_floating_point())
 
 
+def test_too_many_planted_filters_fail_before_training(tmp_path, capsys):
+    assert train_main(tiny(tmp_path, "--plant-inactive", "1000")) == 2
+    assert "plant_inactive 1000 exceeds" in capsys.readouterr().err
+    assert not (tmp_path / "checkpoint_last.pt").exists()  # no epoch was trained
+
+
 def _free_port() -> int:
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))

@@ -278,6 +278,8 @@ class Trainer:
         self.history: list[dict[str, Any]] = []
         self.reactivated_total = 0
         self.last_good_checkpoint: Path | None = None
+        if cfg.plant_inactive:  # checked now, not after the first epoch that plants them
+            self._first_conv_weight(cfg.plant_inactive)
         if cfg.resume is not None:
             self._load(cfg.resume)
         self.logger = RunLogger(
@@ -286,12 +288,17 @@ class Trainer:
 
     # -- helpers ---------------------------------------------------------------------------
 
-    def _plant_inactive(self, count: int) -> None:
+    def _first_conv_weight(self, plant: int) -> Tensor:
+        """The first conv's weight; raises if it has fewer than ``plant`` filters."""
         from craft_ext.models import first_conv
 
         w = first_conv(self.backbone).weight
-        if count > w.shape[0]:
-            raise ValueError(f"plant_inactive {count} exceeds the {w.shape[0]} first-layer filters")
+        if plant > w.shape[0]:
+            raise ValueError(f"plant_inactive {plant} exceeds the {w.shape[0]} first-layer filters")
+        return w
+
+    def _plant_inactive(self, count: int) -> None:
+        w = self._first_conv_weight(count)
         g = torch.Generator().manual_seed(self.cfg.seed + 99)
         rows = torch.randperm(w.shape[0], generator=g)[:count].to(w.device)
         with torch.no_grad():
@@ -672,5 +679,9 @@ def format_summary(summary: dict[str, Any]) -> str:
 
 
 def train(cfg: TrainConfig) -> dict[str, Any]:
-    """Run a training job and return its summary."""
-    return Trainer(cfg).run()
+    """Run a training job and return its summary (then :meth:`Trainer.close`)."""
+    trainer = Trainer(cfg)
+    try:
+        return trainer.run()
+    finally:
+        trainer.close()
