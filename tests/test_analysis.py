@@ -356,6 +356,15 @@ def test_load_images_normalisation_and_bin(tmp_path: Path) -> None:
     (tmp_path / "empty").mkdir()
     with pytest.raises(AnalysisError, match="no readable images"):
         load_images(tmp_path / "empty")
+    empty_bin = tmp_path / "empty.bin"
+    with open(empty_bin, "wb") as f:
+        pickle.dump(([], []), f)
+    with pytest.raises(AnalysisError, match="no readable images"):
+        load_images(empty_bin)
+    # only the first n images of a .bin are decoded: a broken image after them is never read
+    with open(path, "wb") as f:
+        pickle.dump((blobs[:2] + [b"not an image", blobs[3]], [True, False]), f)
+    assert load_images(path, n=2, size=(8, 8)).shape == (2, 3, 8, 8)
 
 
 def test_threshold_cli(

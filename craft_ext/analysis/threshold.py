@@ -93,10 +93,10 @@ def load_images(
         from ..eval import load_bin  # restricted unpickler: a .bin file cannot run code
 
         try:
-            pixels, _ = load_bin(path, image_size=size, progress=False)
+            pixels, _ = load_bin(path, image_size=size, progress=False, limit=n)
         except Exception as exc:
             raise AnalysisError(f"cannot read {str(path)!r} as an insightface .bin: {exc}") from exc
-        return pixels[:n].float().div(127.5).sub(1.0)
+        images = list(pixels.float().div(127.5).sub(1.0))
     else:
         try:
             with Image.open(path) as img:

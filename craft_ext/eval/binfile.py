@@ -206,6 +206,7 @@ def load_bin(
     path: str | os.PathLike[str],
     image_size: int | tuple[int, int] | None = None,
     progress: bool = True,
+    limit: int | None = None,
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """Read an insightface verification ``.bin`` file safely.
 
@@ -214,6 +215,8 @@ def load_bin(
         image_size: resize / centre-crop every image to this (H, W); by default all images must
             share the size of the first one.
         progress: show a progress bar while decoding.
+        limit: decode only the first ``limit`` images (``issame`` keeps the pairs they hold
+            completely); None: all.
 
     Returns:
         ``(images, issame)``: uint8 ``[2N, 3, H, W]`` RGB tensor and bool ``[N]`` tensor.
@@ -236,6 +239,8 @@ def load_bin(
     size = None
     if image_size is not None:
         size = (image_size, image_size) if isinstance(image_size, int) else tuple(image_size)
+    if limit is not None:
+        bins, issame_list = bins[:limit], issame_list[: max(limit, 0) // 2]
     images: torch.Tensor | None = None
     name = os.path.basename(path)
     for i, item in enumerate(tqdm(bins, desc=f"decoding {name}", disable=not progress)):
