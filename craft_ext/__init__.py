@@ -38,8 +38,8 @@ __version__ = "0.1.0"
 
 # Subpackages load on first use (``craft_ext.models``, ...), keeping ``import craft_ext`` light.
 _SUBMODULES = frozenset(
-    {"analysis", "checkpoint", "data", "eval", "heads", "losses", "models", "pruning",
-     "sparsify", "train"}
+    {"analysis", "checkpoint", "data", "demo", "eval", "heads", "losses", "models", "pruning",
+     "pruning_cli", "sparsify", "train"}
 )  # fmt: skip
 
 

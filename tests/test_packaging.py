@@ -75,3 +75,12 @@ def test_demo_runs(tmp_path):
     assert out.returncode == 0, out.stderr
     assert "reactivated 5" in out.stdout
     assert "inactive  0/16" in out.stdout
+
+
+def test_every_public_submodule_is_an_attribute():
+    """``craft_ext.<module>`` works (lazily) for every public module and subpackage."""
+    pkg = Path(craft_ext.__file__).resolve().parent
+    names = {p.stem for p in pkg.glob("*.py") if not p.stem.startswith("_")}
+    names |= {p.parent.name for p in pkg.glob("*/__init__.py") if p.parent.name != "kernels"}
+    for name in sorted(names):
+        assert getattr(craft_ext, name).__name__ == f"craft_ext.{name}", name
