@@ -7,16 +7,12 @@ on a small conv stack on CPU, within 5% of ``SGD(fused=True)`` on r50-sized para
 
 ``extra_info["ratio_vs_sgd"]`` is the median over interleaved rounds of
 ``t(ReactivatingSGD.step) / t(SGD.step)`` (interleaving cancels load drifts on a shared
-machine; t is wall time, see ``_timer``). The GPU case also checks that a step
+machine; t is wall time, see ``BenchTools.seconds_per_call``). The GPU case also checks that a step
 never synchronises with the host (``torch.cuda.set_sync_debug_mode("error")``) and that a
 step can be captured in a CUDA graph and replayed.
 """
 
 from __future__ import annotations
-
-import statistics
-import time
-from collections.abc import Callable
 
 import pytest
 import torch
@@ -67,38 +63,15 @@ def _setup(device: str, kind: str) -> tuple[torch.optim.Optimizer, nn.Module]:
     return opt, first
 
 
-def _timer(device: str, fn: Callable[[], object], reps: int) -> float:
-    """Wall seconds per call (after a device synchronisation on CUDA).
-
-    Not process CPU time: with 2+ intra-op threads, ATen's OpenMP workers spin-wait after each
-    parallel region, and that spinning is charged to whatever code runs next (here, randomly,
-    to one optimizer or the other), which made CPU-time ratios bimodal (1.1x or 3.3x in
-    different processes for the same code)."""
-    clock = time.perf_counter
-    if device == "cuda":
-        torch.cuda.synchronize()
-    t0 = clock()
-    for _ in range(reps):
-        fn()
-    if device == "cuda":
-        torch.cuda.synchronize()
-    return (clock() - t0) / reps
-
-
-def _ratio(device: str, rounds: int, reps: int) -> tuple[float, float]:
-    """Median ``t(ours) / t(sgd)`` and median ``t(ours) - t(sgd)`` (seconds) per step."""
+def _ratio(tools, device: str, rounds: int, reps: int) -> tuple[float, float]:
+    """Median ``t(ours) / t(sgd)`` and median ``t(ours) - t(sgd)`` (seconds) per step, timed
+    in alternation on fresh optimizers."""
     ours, _ = _setup(device, "craft")
     base, _ = _setup(device, "sgd")
-    for o in (ours, base):
-        _timer(device, o.step, 3)
-    ratios, extra = [], []
-    for _ in range(rounds):
-        t_base = _timer(device, base.step, reps)
-        t_ours = _timer(device, ours.step, reps)
-        ratios.append(t_ours / t_base)
-        extra.append(t_ours - t_base)
-        ours.drain_events()  # bounded memory over long runs
-    return statistics.median(ratios), statistics.median(extra)
+    ratio, extra, _ = tools.interleaved(
+        base.step, ours.step, device, rounds=rounds, reps=reps, after_round=ours.drain_events
+    )  # draining keeps the pending events bounded over long runs
+    return ratio, extra
 
 
 CASES = [
@@ -113,7 +86,7 @@ CASES = [
 
 @pytest.mark.parametrize("device", CASES)
 @pytest.mark.parametrize("kind", ["sgd", "craft"])
-def test_optimizer_step(benchmark, device, kind):
+def test_optimizer_step(benchmark, tools, device, kind):
     opt, first = _setup(device, kind)
 
     def step() -> None:
@@ -128,7 +101,7 @@ def test_optimizer_step(benchmark, device, kind):
     if kind == "craft":
         assert isinstance(opt, craft_ext.ReactivatingSGD)
         assert opt.total_reactivated >= 4
-        ratio, extra = _ratio(device, rounds=15, reps=10 if device == "cpu" else 20)
+        ratio, extra = _ratio(tools, device, rounds=15, reps=10 if device == "cpu" else 20)
         benchmark.extra_info["ratio_vs_sgd"] = ratio
         benchmark.extra_info["overhead_us_per_step"] = extra * 1e6
         benchmark.extra_info["target"] = 1.05 if device == "cuda" else 1.10

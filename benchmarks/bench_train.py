@@ -8,8 +8,7 @@ reactivation and their interleaved ratio ``ratio_vs_none``.
 
 from __future__ import annotations
 
-import statistics
-import time
+from collections.abc import Callable
 
 import pytest
 import torch
@@ -51,7 +50,7 @@ def _trainer(tmp_path, device: str, options: dict, reactivation: str) -> Trainer
 
 
 @pytest.mark.parametrize("device,options", CASES)
-def test_train_step_throughput(benchmark, tmp_path, device, options):
+def test_train_step_throughput(benchmark, tools, tmp_path, device, options):
     """Times the CRAFT step (pytest-benchmark); ``extra_info["ratio_vs_none"]`` is the median
     over interleaved rounds of t(CRAFT step) / t(step without reactivation): separately timed
     runs of a 100+ ms CPU step drift by more than the overhead being measured."""
@@ -61,29 +60,24 @@ def test_train_step_throughput(benchmark, tmp_path, device, options):
     images = torch.randint(0, 256, (n, 3, size, size), dtype=torch.uint8)
     labels = torch.randint(0, trainers["none"].num_classes, (n,))
 
-    def timed(trainer: Trainer, reps: int) -> float:
-        if device == "cuda":
-            torch.cuda.synchronize()
-        t0 = time.perf_counter()
-        for _ in range(reps):
-            trainer.train_step(images, labels)
-        if device == "cuda":
-            torch.cuda.synchronize()
-        return (time.perf_counter() - t0) / reps
+    def step(reactivation: str) -> Callable[[], object]:
+        return lambda: trainers[reactivation].train_step(images, labels)
 
-    for trainer in trainers.values():  # warm-up (allocator, cuDNN autotuning)
-        timed(trainer, 3)
+    for r in trainers:  # warm-up (allocator, cuDNN autotuning)
+        tools.seconds_per_call(step(r), device, 3)
     benchmark.pedantic(
-        lambda: timed(trainers["craft"], 1), rounds=10 if device == "cuda" else 3, iterations=1
+        lambda: tools.seconds_per_call(step("craft"), device, 1),
+        rounds=10 if device == "cuda" else 3,
+        iterations=1,
     )
-    reps, rounds = (10, 9) if device == "cuda" else (1, 9)
-    ratios, t_none = [], []
-    for _ in range(rounds):
-        t_none.append(timed(trainers["none"], reps))
-        ratios.append(timed(trainers["craft"], reps) / t_none[-1])
-    benchmark.extra_info["ratio_vs_none"] = statistics.median(ratios)
-    benchmark.extra_info["images_per_s_none"] = n / statistics.median(t_none)
-    benchmark.extra_info["images_per_s"] = n / benchmark.stats.stats.median
+    reps = 10 if device == "cuda" else 1
+    ratio, _, t_none = tools.interleaved(step("none"), step("craft"), device, rounds=9, reps=reps)
+    t_craft = tools.benchmark_median(
+        benchmark, lambda: tools.seconds_per_call(step("craft"), device, reps)
+    )
+    benchmark.extra_info["ratio_vs_none"] = ratio
+    benchmark.extra_info["images_per_s_none"] = n / t_none
+    benchmark.extra_info["images_per_s"] = n / t_craft
     benchmark.extra_info["reactivation"] = "craft, every step"
     if device == "cuda":
         benchmark.extra_info["device"] = torch.cuda.get_device_name()

@@ -8,6 +8,7 @@ bandwidth against the GPU's peak.
 
 from __future__ import annotations
 
+import statistics
 import time
 from collections.abc import Callable
 
@@ -106,6 +107,51 @@ class BenchTools:
         times.sort()
         return times[len(times) // 2]
 
+    def seconds_per_call(self, fn: Callable[[], object], device: str, reps: int) -> float:
+        """Wall seconds per call over ``reps`` back-to-back calls (synchronised on CUDA).
+
+        Wall time, not process CPU time: with 2+ intra-op threads ATen's OpenMP workers spin
+        after each parallel region and that spinning is charged to whatever runs next, which
+        made CPU-time ratios of two interleaved optimizers bimodal (1.1x or 3.3x)."""
+        self.synchronize(device)
+        start = time.perf_counter()
+        for _ in range(reps):
+            fn()
+        self.synchronize(device)
+        return (time.perf_counter() - start) / reps
+
+    def interleaved(
+        self,
+        base: Callable[[], object],
+        ours: Callable[[], object],
+        device: str,
+        *,
+        rounds: int,
+        reps: int,
+        after_round: Callable[[], object] | None = None,
+    ) -> tuple[float, float, float]:
+        """``base`` and ``ours`` timed in alternation (cancels load drifts on a shared machine):
+        medians over ``rounds`` of t(ours) / t(base), t(ours) - t(base) and t(base), seconds
+        per call, each round ``reps`` calls (after one warm-up round each)."""
+        for fn in (base, ours):
+            self.seconds_per_call(fn, device, reps)
+        ratios, extra, t_base = [], [], []
+        for _ in range(rounds):
+            t_base.append(self.seconds_per_call(base, device, reps))
+            t_ours = self.seconds_per_call(ours, device, reps)
+            ratios.append(t_ours / t_base[-1])
+            extra.append(t_ours - t_base[-1])
+            if after_round is not None:
+                after_round()
+        return statistics.median(ratios), statistics.median(extra), statistics.median(t_base)
+
+    @staticmethod
+    def benchmark_median(benchmark, fallback: Callable[[], float]) -> float:
+        """pytest-benchmark's median, or ``fallback()`` when it kept no statistics
+        (``--benchmark-disable``)."""
+        stats = getattr(getattr(benchmark, "stats", None), "stats", None)
+        return stats.median if stats is not None else fallback()
+
     def naive_seconds(self, key: tuple, measure: Callable[[], float]) -> float:
         """The naive code's median for case ``key``, measured once per session."""
         if key not in self.naive_times:
@@ -127,8 +173,7 @@ class BenchTools:
         ``own_s`` measures the implementation's median when pytest-benchmark has no
         statistics (e.g. under ``--benchmark-disable``).
         """
-        stats = getattr(getattr(benchmark, "stats", None), "stats", None)
-        seconds = stats.median if stats is not None else own_s()
+        seconds = self.benchmark_median(benchmark, own_s)
         gbps = bytes_moved / seconds / 1e9
         info = {
             "impl": impl,
