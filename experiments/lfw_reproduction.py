@@ -27,6 +27,7 @@ from pathlib import Path
 from typing import Any
 
 import craft_ext.analysis as analysis
+from craft_ext.train import parse_config
 from craft_ext.train.cli import main as train_main
 
 METHODS = ("none", "scaled_gaussian", "craft")
@@ -98,9 +99,18 @@ def train_args(args: argparse.Namespace, method: str, seed: int, out: Path) -> l
 def run_one(args: argparse.Namespace, method: str, seed: int) -> dict[str, Any]:
     out = args.out / "runs" / f"{method}_seed{seed}"
     summary_path = out / "summary.json"
-    if not summary_path.is_file():
+    argv = train_args(args, method, seed, out)
+    if summary_path.is_file():  # a finished run is reused only if it used these settings
+        done = dict(json.loads(summary_path.read_text()).get("config") or {})
+        want = json.loads(json.dumps(parse_config(argv).to_dict()))
+        done.pop("output", None), want.pop("output")  # the same folder, however it was spelled
+        if done != want:
+            raise SystemExit(
+                f"{out} holds a run with other settings; remove it or pass another --out"
+            )
+    else:
         t0 = time.perf_counter()
-        code = train_main(train_args(args, method, seed, out))
+        code = train_main(argv)
         if code != 0:
             raise SystemExit(f"craft-train failed for {method} seed {seed} (exit {code})")
         print(f"[{method} seed {seed}] {time.perf_counter() - t0:.0f} s", flush=True)
