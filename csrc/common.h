@@ -34,9 +34,6 @@ inline std::vector<int64_t> filter_major_perm(const at::Tensor& t) {
   return perm;
 }
 
-// A [N, K] view of `t` sharing its storage (row stride t.stride(0), unit column stride), in
-// which row i holds the elements of filter t[i] in the order given by filter_major_perm(t);
-// undefined if the filters of `t` are not dense blocks (e.g. a slice along dim 1).
 // Whether every filter t[i] is a dense block of K elements (in filter_major_perm order) and the
 // filters do not overlap; if so, *row_stride is the element distance between filters. Creates
 // no tensor (the CPU reactivate_ kernel asks this at every optimizer step).
@@ -56,12 +53,33 @@ inline bool filter_rows_dense(const at::Tensor& t, int64_t* row_stride) {
   return true;
 }
 
+// A [N, K] view of `t` sharing its storage (row stride t.stride(0), unit column stride), in
+// which row i holds the elements of filter t[i] in the order given by filter_major_perm(t);
+// undefined if the filters of `t` are not dense blocks (e.g. a slice along dim 1).
 inline at::Tensor filter_rows_view(const at::Tensor& t) {
   const int64_t n = t.size(0);
   const int64_t k = n == 0 ? 0 : t.numel() / n;
   int64_t row_stride = 0;
   if (!filter_rows_dense(t, &row_stride)) return at::Tensor();
   return t.as_strided({n, k}, {row_stride, 1}, t.storage_offset());
+}
+
+// The filters of `t` [N, ...] as [N, K] rows with unit column stride, for a kernel to read or
+// write: filter_rows_view(t) where the filters are dense blocks (is_view: writes go to `t`),
+// otherwise a contiguous copy in logical order (t.reshape({N, K}).contiguous(); a caller that
+// already holds t.reshape({N, K}) passes it as `logical`, which then is not copied again where
+// reshape made a copy already).
+struct FilterRows {
+  at::Tensor rows;
+  bool is_view;
+};
+
+inline FilterRows filter_rows(const at::Tensor& t, const at::Tensor& logical = at::Tensor()) {
+  at::Tensor view = filter_rows_view(t);
+  if (view.defined()) return {view, true};
+  if (logical.defined()) return {logical.contiguous(), false};
+  const int64_t n = t.size(0);
+  return {t.reshape({n, n == 0 ? 0 : t.numel() / n}).contiguous(), false};
 }
 
 // The elements of `other` (same shape as `t`) as [N, K] rows in the same element order as

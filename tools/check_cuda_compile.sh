@@ -5,13 +5,15 @@
 # What IS checked:
 #   1. csrc/cuda/*.cu, torch glue included, compile to object files for sm_80 and sm_90 with the
 #      flags torch's CUDAExtension uses (-D__CUDA_NO_HALF_OPERATORS__ etc., --expt-relaxed-
-#      constexpr, -std=c++17, -O3 --use_fast_math as in setup.py). The CPU wheel of torch ships
+#      constexpr, -std=c++17, -O3 as in setup.py; no --use_fast_math). The CPU wheel of torch ships
 #      the c10/cuda and ATen headers but not the generated c10/cuda/impl/cuda_cmake_macros.h;
 #      -DC10_CUDA_NO_CMAKE_CONFIGURE_FILE (torch's own switch for that) skips it. ptxas register
 #      and spill reports are printed (-Xptxas -v, filtered).
 #   2. A torch-free harness that includes only csrc/cuda/*_kernels.cuh, instantiates every
 #      kernel for float, double, half and bfloat16 and every method, and links into an
-#      executable against the static CUDA runtime (catches missing device symbols).
+#      executable against the static CUDA runtime (catches missing device symbols); its PTX
+#      must hold no .ftz instruction (--use_fast_math or -ftz=true would flush float32
+#      denormals to zero, e.g. give a filter of denormals max_abs 0, inactive at threshold 0).
 #
 #   3. csrc/cuda/emulation/emulate_kernels.cpp: the same launchers and kernels compiled for the
 #      host with a thread-per-CUDA-thread emulation (host_emulation.h) and run against a direct
@@ -47,10 +49,11 @@ PY_INC="$(python -c 'import sysconfig; print(sysconfig.get_paths()["include"])')
 
 GENCODE=()
 for a in "${ARCHS[@]}"; do GENCODE+=(-gencode "arch=compute_${a},code=sm_${a}"); done
-COMMON=(-std=c++17 -O3 --use_fast_math -lineinfo -DCRAFT_EXT_WITH_CUDA
+FLAGS=(-std=c++17 -O3 -lineinfo -DCRAFT_EXT_WITH_CUDA
   -D__CUDA_NO_HALF_OPERATORS__ -D__CUDA_NO_HALF_CONVERSIONS__
   -D__CUDA_NO_BFLOAT16_CONVERSIONS__ -D__CUDA_NO_HALF2_OPERATORS__ --expt-relaxed-constexpr
-  -Xcompiler -Wall -Xcompiler -fPIC "${GENCODE[@]}")
+  -Xcompiler -Wall -Xcompiler -fPIC)
+COMMON=("${FLAGS[@]}" "${GENCODE[@]}")
 
 TMP="$(mktemp -d)"
 trap 'rm -rf "$TMP"' EXIT
@@ -119,6 +122,20 @@ else
   echo "FAIL harness"; status=1
 fi
 grep -E "error|warning" "$TMP/harness.log" | sed 's/^/    /' | head -40 || true
+if "$NVCC" "${FLAGS[@]}" -arch="compute_${ARCHS[0]}" -I"$ROOT/csrc" -ptx "$TMP/harness.cu" \
+    -o "$TMP/harness.ptx" 2>"$TMP/harness_ptx.log"; then
+  # instructions such as cvt.rn.ftz.f32.f64 or setp.gt.ftz.f32 (.file lines name paths)
+  ftz="$(grep -vE '^[[:space:]]*\.file' "$TMP/harness.ptx" | grep -cE '\.ftz\.' || true)"
+  if [ "$ftz" = 0 ]; then
+    echo "PASS no denormal flushing: no .ftz instruction in the kernels' PTX"
+  else
+    echo "FAIL $ftz PTX lines flush denormals (.ftz): is --use_fast_math or -ftz=true set?"
+    status=1
+  fi
+else
+  echo "FAIL harness PTX"; status=1
+  grep -E "error" "$TMP/harness_ptx.log" | sed 's/^/    /' | head -20 || true
+fi
 
 echo "== 3. host emulation: run the kernels' launchers on CPU threads, check their results"
 if "${CXX:-g++}" -std=c++20 -O1 -pthread -I"$CUDA_INC" \

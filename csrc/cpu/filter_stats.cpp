@@ -167,8 +167,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> filter_stats_cpu(
   if (n == 0) return {max_abs, l1, mean, std};
   TORCH_CHECK(k > 0, "craft_ext::filter_stats: filters must hold at least one element");
 
-  at::Tensor rows = filter_rows_view(weight);
-  if (!rows.defined()) rows = weight.reshape({n, k}).contiguous();
+  const at::Tensor rows = filter_rows(weight).rows;
   const int64_t row_stride = n > 1 ? rows.stride(0) : k;
 
   AT_DISPATCH_FLOATING_TYPES_AND2(

@@ -1,5 +1,6 @@
 // Torch glue shared by csrc/cuda/filter_stats.cu and csrc/cuda/reactivate.cu: dtype mapping,
-// stream / launch checking and the [N, K] row view of a weight.
+// stream / launch checking and the weight checks. The [N, K] rows the kernels run on come from
+// craft_ext::filter_rows (csrc/common.h).
 //
 // Only c10/cuda headers are used (not ATen/cuda/CUDAContext.h, which pulls in cuBLAS, cuSPARSE
 // and cuSOLVER headers): c10::cuda::getCurrentCUDAStream is the function that
@@ -54,21 +55,6 @@ device_t<scalar_t>* device_ptr(const at::Tensor& t) {
   return reinterpret_cast<device_t<scalar_t>*>(t.data_ptr<scalar_t>());
 }
 
-// Weight rows to run the kernels on: `rows` is [N, K] with unit column stride, either a view of
-// `weight` (filter_rows_view) or, when the filters are not dense blocks, a contiguous copy in
-// logical order; `is_view` says which.
-struct WeightRows {
-  at::Tensor rows;
-  bool is_view;
-};
-
-inline WeightRows weight_rows(const at::Tensor& weight) {
-  at::Tensor view = filter_rows_view(weight);
-  if (view.defined()) return {view, true};
-  const int64_t n = weight.size(0);
-  return {weight.reshape({n, n == 0 ? 0 : weight.numel() / n}).contiguous(), false};
-}
-
 // Checks shared by the ops: a CUDA floating weight [N, ...] with N >= 0 and K >= 1.
 inline void check_weight(const at::Tensor& weight, const char* op) {
 #ifndef CRAFT_EXT_HOST_EMULATION
@@ -82,10 +68,6 @@ inline void check_weight(const at::Tensor& weight, const char* op) {
   TORCH_CHECK(weight.size(0) == 0 || weight.numel() > 0, "craft_ext::", op,
               ": every filter must hold at least one element");
 }
-
-// Runs filter_stats_kernel on `rows` (from weight_rows) into four float32 [N] tensors.
-void filter_stats_rows(const at::Tensor& rows, at::Tensor& max_abs, at::Tensor& l1,
-                       at::Tensor& mean, at::Tensor& stdv);
 
 }  // namespace cuda
 }  // namespace craft_ext

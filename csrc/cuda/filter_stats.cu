@@ -14,7 +14,9 @@
 
 namespace craft_ext {
 namespace cuda {
+namespace {
 
+// Runs filter_stats_kernel on `rows` (from filter_rows) into four float32 [N] tensors.
 void filter_stats_rows(const at::Tensor& rows, at::Tensor& max_abs, at::Tensor& l1,
                        at::Tensor& mean, at::Tensor& stdv) {
   const int64_t n = rows.size(0);
@@ -32,8 +34,6 @@ void filter_stats_rows(const at::Tensor& rows, at::Tensor& max_abs, at::Tensor& 
       });
 }
 
-namespace {
-
 std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> filter_stats_cuda(
     const at::Tensor& weight) {
   check_weight(weight, "filter_stats");
@@ -44,7 +44,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> filter_stats_cuda(
   at::Tensor l1 = at::empty({n}, opts);
   at::Tensor mean = at::empty({n}, opts);
   at::Tensor stdv = at::empty({n}, opts);
-  if (n > 0) filter_stats_rows(weight_rows(weight).rows, max_abs, l1, mean, stdv);
+  if (n > 0) filter_stats_rows(filter_rows(weight).rows, max_abs, l1, mean, stdv);
   return {max_abs, l1, mean, stdv};
 }
 

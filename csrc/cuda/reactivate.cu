@@ -2,7 +2,9 @@
 // craft_ext/reference.py.reactivate_): in-place reactivation of the inactive filters of
 // weight [N, ...] (Bhatta et al., arXiv 2312.00072, sec. 4.3).
 //
-//   1. statistics: filter_stats kernel -> max_abs, mean, std per filter;
+//   1. statistics with the reference's own ATen ops on its float32 rows
+//      x = weight.reshape(N, K).to(float32): max_abs and l1 from |x| (amax, sum over dim 1);
+//      mean and std from at::std_mean(x, 1, correction 0), for scaled_gaussian only;
 //      inactive = max_abs <= float32(threshold), active = !inactive & isfinite(l1);
 //   2. pairing on the device with ATen ops, step for step as reference.craft_donors
 //      (stable sorts, scatters; no host synchronisation): pairing.h;
@@ -10,18 +12,17 @@
 //      donor row; scaled_gaussian: mean[s] + std[s] * noise; random: noise * sqrt(2 / K)) and
 //      `used` |= the donors spent by this call.
 //
-// The L1 norms that rank donors (and pick the scaled_gaussian source) are summed with the same
-// ATen reduction as the reference (float32, logical element order), so the pairing is
-// identical to the reference's on the same device even for filters whose norms differ only in
-// the last bit; the kernel's double-accumulated l1 could break such near-ties differently.
+// The statistics are the reference's, bit for bit (same ops, same device, same element order
+// and layout), as in the CPU kernel (csrc/cpu/reactivate.cpp): the L1 norms rank donors and
+// pick the scaled_gaussian source, and filters whose norms differ only in the last bit would
+// pair differently under any other summation (e.g. the filter_stats kernel's double
+// accumulators); mean[s] and std[s] make the scaled_gaussian rows.
 //
 // Everything is queued on the current stream; nothing is read back to the host, so the op runs
 // under torch.cuda.set_sync_debug_mode("error") and inside CUDA-graph capture.
 
 #include <cmath>
-#include <limits>
 #include <optional>
-#include <string>
 #include <tuple>
 
 #include "cuda_glue.cuh"
@@ -32,12 +33,19 @@ namespace craft_ext {
 namespace cuda {
 namespace {
 
+// reactivate_cuda passes its Method to the kernel launcher as a ReactivateMethod.
+static_assert(static_cast<int>(ReactivateMethod::kCraft) == static_cast<int>(Method::kCraft) &&
+                  static_cast<int>(ReactivateMethod::kScaledGaussian) ==
+                      static_cast<int>(Method::kScaledGaussian) &&
+                  static_cast<int>(ReactivateMethod::kRandom) == static_cast<int>(Method::kRandom),
+              "ReactivateMethod (reactivate_kernels.cuh) must match Method (common.h)");
+
 std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> reactivate_cuda(
     at::Tensor& weight, at::Tensor& used, const at::Tensor& order_key,
     const at::Tensor& fallback_u, const std::optional<at::Tensor>& noise, double threshold,
     c10::string_view method_name) {
   check_weight(weight, "reactivate_");
-  const Method method = parse_method(std::string(method_name));
+  const Method method = parse_method(method_name);
   const c10::cuda::CUDAGuard guard(weight.device());
   const int64_t n = weight.size(0);
   TORCH_CHECK(used.scalar_type() == at::kBool && used.dim() == 1 && used.size(0) == n &&
@@ -61,19 +69,24 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> reactivate_cuda(
             at::zeros({}, opts.dtype(at::kLong))};
   }
 
-  // 1. statistics
-  WeightRows wr = weight_rows(weight);
-  at::Tensor& rows = wr.rows;
-  const int64_t k = rows.size(1);
-  const auto fopts = opts.dtype(at::kFloat);
-  at::Tensor max_abs = at::empty({n}, fopts);
-  at::Tensor l1_kernel = at::empty({n}, fopts);
-  at::Tensor mean = at::empty({n}, fopts);
-  at::Tensor stdv = at::empty({n}, fopts);
-  filter_stats_rows(rows, max_abs, l1_kernel, mean, stdv);
-  // Donor ranking key: the reference's float32 L1 norms, bit for bit (see the file comment),
-  // summed over contiguous logical-order rows.
-  const at::Tensor l1 = weight.reshape({n, k}).to(at::kFloat).contiguous().abs().sum(1);
+  // 1. statistics: the reference's float32 rows and reductions (see the file comment)
+  const int64_t k = weight.numel() / n;
+  const at::Tensor logical = weight.reshape({n, k});  // reference._rows: a view, or a copy
+  const at::Tensor x32 = logical.to(at::kFloat);
+  const at::Tensor abs32 = x32.abs();
+  const at::Tensor max_abs = abs32.amax(1);
+  const at::Tensor l1 = abs32.sum(1);
+  at::Tensor mean, stdv;  // float32 [N], scaled_gaussian only (read at the source row)
+  if (method == Method::kScaledGaussian) {
+    std::tie(stdv, mean) =
+        at::std_mean(x32, at::IntArrayRef{1}, /*correction=*/at::Scalar(0), /*keepdim=*/false);
+    mean = mean.contiguous();
+    stdv = stdv.contiguous();
+  }
+  // Rows the write kernel updates: a view of weight, or (filters that are not dense blocks)
+  // `logical` in contiguous form, copied back at the end.
+  const FilterRows fr = filter_rows(weight, logical);
+  const at::Tensor& rows = fr.rows;
 
   // 2. pairing (ATen ops on the current stream)
   const Pairing p = pair_filters(method, max_abs, l1, threshold, used, order_key.view({n}),
@@ -87,7 +100,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> reactivate_cuda(
   // 3. rewrite the reactivated rows in place
   at::Tensor z;  // float32 [N, K], contiguous, in the element order of `rows`
   if (method != Method::kCraft) {
-    z = wr.is_view ? rows_like(*noise, weight) : noise->reshape({n, k});
+    z = fr.is_view ? rows_like(*noise, weight) : noise->reshape({n, k});
     z = z.to(at::kFloat).contiguous();
   }
   const int64_t row_stride = n > 1 ? rows.stride(0) : k;
@@ -99,11 +112,12 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> reactivate_cuda(
       at::ScalarType::Half, at::ScalarType::BFloat16, rows.scalar_type(), "reactivate_cuda", [&] {
         launch_write_reactivated(
             device_ptr<scalar_t>(rows), n, k, row_stride, reactivated_ptr, donor_ptr, noise_ptr,
-            mean.data_ptr<float>(), stdv.data_ptr<float>(), scale,
+            mean.defined() ? mean.data_ptr<float>() : nullptr,
+            stdv.defined() ? stdv.data_ptr<float>() : nullptr, scale,
             static_cast<ReactivateMethod>(static_cast<int>(method)), stream);
         C10_CUDA_KERNEL_LAUNCH_CHECK();
       });
-  if (!wr.is_view) weight.copy_(rows.view(weight.sizes()));
+  if (!fr.is_view) weight.copy_(rows.view(weight.sizes()));
 
   return {p.inactive, reactivated, donor, reactivated.sum()};
 }
