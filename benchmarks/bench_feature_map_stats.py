@@ -1,44 +1,41 @@
-"""craft_ext.feature_map_stats against naive PyTorch (pytest-benchmark).
+"""feature_map_stats: every craft_ext backend on this machine vs naive PyTorch (pytest-benchmark).
 
-Naive: per sample, min-max normalise the maps (a normalised copy, as written in Diba &
-Khosravi, IASC 2023, Eqs. 5-9) and call ``torch.corrcoef``, plus the sums and the empty /
-redundant flags. GPU shapes are the issue's: B=100 with C=64 at 112x112 and C=512 at 7x7;
-CPU shapes are small. ``extra_info``: ``speedup`` (naive median time / craft_ext mean time),
-and on GPU the achieved read bandwidth of the input (``GB_per_s``, input bytes read once /
-time) against the device's peak (``peak_GB_per_s`` from the memory clock and bus width, or
-``$CRAFT_PEAK_GBPS``), as ``fraction_of_peak``.
+Run explicitly (pytest does not collect ``benchmarks/`` with the tests)::
+
+    python -m pytest benchmarks/bench_feature_map_stats.py --benchmark-only
+
+Per-sample map sums, Pearson correlations and the empty / redundant flags of a feature map
+[B, C, H, W] (Diba & Khosravi, IASC 2023, Eqs. 2 and 5-10), in float32. ``naive`` is what a
+user would write from the paper: per sample, a min-max normalised copy of the maps and
+``torch.corrcoef``, plus the sums and flags. GPU shapes are B=100 with C=64 at 112x112 and
+C=512 at 7x7; CPU shapes are small. ``extra_info`` holds ``speedup_vs_naive`` and the achieved
+``GB/s`` (map read once, float32 sums and two bool flags [B, C] written), and on CUDA
+``fraction_of_peak`` of the GPU's HBM bandwidth (see ``conftest.BenchTools``).
 """
 
 from __future__ import annotations
-
-import os
-import statistics
-import time
 
 import pytest
 import torch
 
 import craft_ext
 
-CUDA = torch.cuda.is_available()
 SUM_THR, CORR_THR = 0.02, 0.95
+CUDA = torch.cuda.is_available()
+_NEEDS_CUDA = pytest.mark.skipif(not CUDA, reason="needs a CUDA GPU")
 
-CASES = [
-    pytest.param("cpu", (8, 32, 28, 28), id="cpu-B8-C32-28x28"),
-    pytest.param("cpu", (8, 128, 7, 7), id="cpu-B8-C128-7x7"),
-    pytest.param(
-        "cuda",
-        (100, 64, 112, 112),
-        id="cuda-B100-C64-112x112",
-        marks=pytest.mark.skipif(not CUDA, reason="needs a CUDA GPU"),
-    ),
-    pytest.param(
-        "cuda",
-        (100, 512, 7, 7),
-        id="cuda-B100-C512-7x7",
-        marks=pytest.mark.skipif(not CUDA, reason="needs a CUDA GPU"),
-    ),
+#: (device, [B, C, H, W]) per case id
+CASES = {
+    "cpu-B8-C32-28x28": ("cpu", (8, 32, 28, 28)),
+    "cpu-B8-C128-7x7": ("cpu", (8, 128, 7, 7)),
+    "cuda-B100-C64-112x112": ("cuda", (100, 64, 112, 112)),
+    "cuda-B100-C512-7x7": ("cuda", (100, 512, 7, 7)),
+}
+CASE_PARAMS = [
+    pytest.param(case, id=case, marks=[_NEEDS_CUDA] if device == "cuda" else [])
+    for case, (device, _) in CASES.items()
 ]
+IMPLS = ["naive", "cpp", "cuda", "triton", "reference"]
 
 
 def naive_feature_map_stats(fmap: torch.Tensor) -> tuple[torch.Tensor, ...]:
@@ -57,66 +54,42 @@ def naive_feature_map_stats(fmap: torch.Tensor) -> tuple[torch.Tensor, ...]:
     return total, corr, total.abs() <= SUM_THR, ((corr >= CORR_THR) & lower).any(dim=2)
 
 
-def _sync(device: str) -> None:
-    if device == "cuda":
-        torch.cuda.synchronize()
-
-
-def _median_time(fn, device: str, reps: int) -> float:
-    times = []
-    for _ in range(reps):
-        _sync(device)
-        t0 = time.perf_counter()
-        fn()
-        _sync(device)
-        times.append(time.perf_counter() - t0)
-    return statistics.median(times)
-
-
-def _peak_gbps() -> float | None:
-    if "CRAFT_PEAK_GBPS" in os.environ:
-        return float(os.environ["CRAFT_PEAK_GBPS"])
-    props = torch.cuda.get_device_properties(0)
-    clock_khz = getattr(props, "memory_clock_rate", None)
-    bus_bits = getattr(props, "memory_bus_width", None)
-    if not clock_khz or not bus_bits:
-        return None
-    return 2 * clock_khz * 1e3 * bus_bits / 8 / 1e9
-
-
-@pytest.mark.parametrize("device,shape", CASES)
-@pytest.mark.parametrize("impl", ["naive", "craft_ext"])
-def test_feature_map_stats(benchmark, device, shape, impl):
+def _fmap(shape: tuple[int, ...], device: str) -> torch.Tensor:
     g = torch.Generator().manual_seed(0)
-    fmap = torch.randn(shape, generator=g).to(device)
+    return torch.randn(shape, generator=g).to(device)
 
-    def run_craft():
-        return craft_ext.feature_map_stats(fmap, sum_threshold=SUM_THR, corr_threshold=CORR_THR)
 
-    def run_naive():
-        return naive_feature_map_stats(fmap)
+@pytest.mark.parametrize("impl", IMPLS)
+@pytest.mark.parametrize("case", CASE_PARAMS)
+def test_feature_map_stats(benchmark, tools, case, impl):
+    device, shape = CASES[case]
+    tools.require(device, "feature_map_stats", impl)
+    fmap = _fmap(shape, device)
 
-    fn = run_craft if impl == "craft_ext" else run_naive
+    def naive() -> None:
+        naive_feature_map_stats(fmap)
+        tools.synchronize(device)
 
-    def step():
-        fn()
-        _sync(device)
+    def run() -> None:
+        craft_ext.feature_map_stats(
+            fmap, sum_threshold=SUM_THR, corr_threshold=CORR_THR, backend=impl
+        )
+        tools.synchronize(device)
 
-    for _ in range(2):  # warm-up (Triton compilation, allocator)
-        step()
-    rounds = 20 if device == "cuda" else 3
-    benchmark.pedantic(step, rounds=rounds, iterations=1)
-    mean = benchmark.stats.stats.mean
-    benchmark.extra_info["impl"] = impl
-    benchmark.extra_info["backend"] = craft_ext.resolve_backend(fmap.device, "feature_map_stats")
-    if impl == "craft_ext":
-        naive = _median_time(run_naive, device, reps=5 if device == "cuda" else 2)
-        benchmark.extra_info["speedup"] = naive / mean
-    if device == "cuda":
-        gbps = fmap.numel() * fmap.element_size() / mean / 1e9
-        benchmark.extra_info["GB_per_s"] = gbps
-        peak = _peak_gbps()
-        if peak:
-            benchmark.extra_info["peak_GB_per_s"] = peak
-            benchmark.extra_info["fraction_of_peak"] = gbps / peak
-        benchmark.extra_info["device"] = torch.cuda.get_device_name()
+    fn = naive if impl == "naive" else run
+    rounds = 5 if device == "cpu" else 20
+    naive_s = tools.naive_seconds(
+        ("feature_map_stats", device, case),
+        lambda: tools.median_seconds(naive, device, rounds=rounds),
+    )
+    fn()  # warm-up outside the timings (Triton compilation, allocator)
+    benchmark(fn)
+    b, c = shape[:2]
+    tools.record(
+        benchmark,
+        device=device,
+        impl=impl,
+        naive_s=naive_s,
+        own_s=lambda: tools.median_seconds(fn, device, rounds=rounds),
+        bytes_moved=fmap.numel() * fmap.element_size() + b * c * (4 + 1 + 1),
+    )

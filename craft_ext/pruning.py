@@ -24,6 +24,7 @@ import copy
 import os
 from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import dataclass
+from fractions import Fraction
 from typing import Any
 
 import torch
@@ -135,12 +136,11 @@ def _as_float_images(images: Tensor) -> Tensor:
 
 def _dataset_labels(data: Any) -> list[int] | None:
     labels = getattr(data, "labels", None)
-    if labels is not None:
-        return [int(v) for v in labels]
-    num_classes = getattr(data, "num_classes", None)
-    if type(data).__name__ == "SyntheticFaceDataset" and num_classes:
-        return [i % int(num_classes) for i in range(len(data))]
-    return None
+    if labels is None:
+        return None
+    if isinstance(labels, Tensor):
+        labels = labels.tolist()
+    return [int(v) for v in labels]
 
 
 def _collect_images(data: Any, samples: int, pool: int) -> Tensor:
@@ -205,9 +205,12 @@ def find_prunable(
     its output map is empty (``|sum| <= sum_threshold``) or redundant (correlation
     ``>= corr_threshold`` with a lower-index map of the same image); see
     :func:`craft_ext.feature_map_stats`. Filter c of layer L is pruned when
-    ``votes[L][c] >= vote * n_images``. Votes are counted on the device (int64 [C] per layer)
-    and read back once at the end. At least one filter of each layer is always kept (the
-    lowest-index one when every filter is flagged).
+    ``votes[L][c] >= vote * n_images``, compared exactly in integers (``vote`` is read as the
+    fraction it denotes, the nearest one with a denominator <= 10**6, so 0.55 of 100 images is
+    55, not 55.00000000000001). Votes are
+    counted and compared on the device (int64 [C] per layer); the flags of all layers are read
+    back once at the end. At least one filter of each layer is always kept (the lowest-index
+    one when every filter is flagged).
 
     Args:
         model: the trained network (put in eval mode for the pass, then restored).
@@ -216,7 +219,8 @@ def find_prunable(
             its ``labels`` when it has them), or an iterable / DataLoader of
             ``(images, labels)`` batches (the first ``pool`` images are read and the most
             populous identities among them chosen). uint8 images get arcface normalisation.
-        layers: conv names to examine (default: every layer of :func:`prunable_layers`).
+        layers: conv names to examine, each at most once (default: every layer of
+            :func:`prunable_layers`; a name outside it raises ``ValueError``).
         samples: number of images (the paper: 100).
         vote: fraction of images in which a filter must be flagged (the paper: 0.8), in (0, 1].
         sum_threshold, corr_threshold: the paper's 0.02 and 0.95.
@@ -234,14 +238,26 @@ def find_prunable(
         raise ValueError(f"batch_size must be a positive int, got {batch_size!r}")
     if not isinstance(vote, (int, float)) or isinstance(vote, bool) or not 0.0 < vote <= 1.0:
         raise ValueError(f"vote must be in (0, 1], got {vote!r}")
+    if isinstance(layers, str):
+        raise TypeError(f"layers must be a sequence of layer names, not the str {layers!r}")
     chains = prunable_layers(model)
     names = list(chains) if layers is None else list(layers)
     modules = dict(model.named_modules())
+    seen: set[str] = set()
     for name in names:
         if name not in modules:
             raise ValueError(f"layer {name!r} is not a module of the model")
         if not isinstance(modules[name], nn.Conv2d):
             raise ValueError(f"layer {name!r} is a {type(modules[name]).__name__}, not a Conv2d")
+        if name not in chains:
+            raise ValueError(
+                f"layer {name!r} cannot be pruned (its output meets a residual addition or "
+                f"does not feed a BN/activation/conv chain); prunable layers: "
+                f"{_preview(list(chains))}"
+            )
+        if name in seen:
+            raise ValueError(f"layer {name!r} is listed more than once in layers")
+        seen.add(name)
     if not names:
         raise ValueError("no layers to examine (the model has no prunable conv chains)")
 
@@ -278,15 +294,35 @@ def find_prunable(
             h.remove()
         model.train(was_training)
 
-    n_images = images.shape[0]
+    need = _vote_threshold(vote, images.shape[0])
+    # compared on the device; the one read-back, after all forward passes
+    flags = torch.cat([votes[name] >= need for name in names]).cpu().tolist()
     plan: dict[str, list[int]] = {}
+    start = 0
     for name in names:
-        counts = votes[name].cpu().tolist()  # the one read-back, after all forward passes
-        flagged = [c for c, v in enumerate(counts) if v >= vote * n_images]
-        if len(flagged) == len(counts):
+        layer_flags = flags[start : start + votes[name].numel()]
+        start += len(layer_flags)
+        flagged = [c for c, f in enumerate(layer_flags) if f]
+        if len(flagged) == len(layer_flags):
             flagged = flagged[1:]
         plan[name] = flagged
     return plan
+
+
+def _vote_threshold(vote: float, n_images: int) -> int:
+    """The least vote count ``k`` with ``k >= vote * n_images``, computed exactly.
+
+    ``vote`` is taken as the fraction it stands for (the nearest one with a denominator of at
+    most 10**6: 0.55 is 11/20, ``5 / 6`` is 5/6), not as its binary float value, whose product
+    with ``n_images`` can land just above an integer (``0.55 * 100 == 55.00000000000001``).
+    """
+    frac = Fraction(vote).limit_denominator(10**6) * int(n_images)
+    return -(-frac.numerator // frac.denominator)
+
+
+def _preview(names: list[str], limit: int = 6) -> str:
+    shown = ", ".join(names[:limit])
+    return f"[{shown}, ... ({len(names)} in all)]" if len(names) > limit else f"[{shown}]"
 
 
 # --------------------------------------------------------------------------------------------
@@ -319,8 +355,8 @@ def _conv_like(conv: nn.Conv2d, weight: Tensor, bias: Tensor | None) -> nn.Conv2
         dtype=weight.dtype,
     )
     new.weight = _param(conv.weight, weight)
-    if bias is not None and conv.bias is not None:
-        new.bias = _param(conv.bias, bias)
+    if bias is not None:  # sliced from conv.bias by the callers, so conv has a bias
+        new.bias = _param(conv.bias, bias)  # type: ignore[arg-type]
     return new
 
 
@@ -383,13 +419,14 @@ def prune(model: nn.Module, plan: Mapping[str, Sequence[int]]) -> nn.Module:
             raise ValueError(f"{name}: channels must be distinct indices in [0, {n}), got {drop}")
         if len(drop) >= n:
             raise ValueError(f"{name}: cannot prune all {n} channels")
+        if not drop:  # nothing to remove: the chain is left as it is
+            continue
         mask = torch.ones(n, dtype=torch.bool)
         mask[drop] = False
         keeps[name] = torch.arange(n)[mask].to(conv.weight.device)
     new = copy.deepcopy(model)
     for name, keep in keeps.items():
-        if keep.numel() < model.get_submodule(name).out_channels:
-            _prune_chain(new, chains[name], keep)
+        _prune_chain(new, chains[name], keep)
     return new
 
 

@@ -27,7 +27,7 @@ from typing import Any
 import torch
 from torch import nn
 
-from .checkpoint import load_checkpoint
+from .analysis.io import load_state_dict
 from .data.folder import ImageFolderDataset
 from .data.synthetic import SyntheticFaceDataset
 from .data.transforms import eval_transform, train_transform
@@ -54,8 +54,10 @@ def build_parser() -> argparse.ArgumentParser:
     )
     p.add_argument(
         "checkpoint",
-        help="backbone.pth (insightface/craft-train state_dict), a craft-train checkpoint "
-        "file or a run directory holding checkpoint_last.pt",
+        help="backbone.pth (insightface/craft-train state_dict, possibly wrapped as "
+        "{'state_dict': ...} or with module./_orig_mod. key prefixes), a craft-train "
+        "checkpoint file or a run directory (backbone.pth, checkpoint_last.pt or "
+        "checkpoint_best.pt inside)",
     )
     p.add_argument(
         "--data",
@@ -89,19 +91,13 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def _load_backbone(path: str, network: str | None) -> tuple[nn.Module, str, dict[str, Any]]:
-    p = Path(path)
-    if p.is_dir() or p.suffix == ".pt":
-        obj = load_checkpoint(p)
-        sd = obj.get("backbone", obj)
-    else:
-        if not p.is_file():
-            raise FileNotFoundError(f"checkpoint not found: {p}")
-        sd = torch.load(p, map_location="cpu", weights_only=True)
-    if not isinstance(sd, dict):
-        raise ValueError(f"{path} holds no state_dict")
-    for prefix in ("module.", "_orig_mod.", "backbone."):
-        if sd and all(k.startswith(prefix) for k in sd):
-            sd = {k[len(prefix) :]: v for k, v in sd.items()}
+    """The backbone in ``path`` (any source :func:`craft_ext.analysis.io.load_state_dict` reads:
+    a state-dict file, possibly wrapped or key-prefixed, a craft-train checkpoint or a run
+    directory), built by :func:`infer_network` (or ``network``) and loaded strictly."""
+    try:
+        sd = load_state_dict(path)
+    except FileNotFoundError as exc:
+        raise FileNotFoundError(f"checkpoint not found: {exc}") from exc
     name, options = infer_network(sd)
     model = get_model(network or name, **options)
     model.load_state_dict(sd, strict=True)
@@ -137,7 +133,12 @@ def finetune(
     Loss: :class:`CombinedMarginLoss` (s, m1, m2, m3) on the cosines of a fresh
     :class:`NormalizedFC` head; one SGD optimizer over backbone and head, built here (after
     pruning, so it holds the pruned parameters).
+
+    Raises:
+        ValueError: ``steps`` is not a positive int.
     """
+    if isinstance(steps, bool) or not isinstance(steps, int) or steps < 1:
+        raise ValueError(f"steps must be a positive int, got {steps!r}")
     torch.manual_seed(seed)
     backbone.to(torch.device(device))
     num_features = int(getattr(backbone, "num_features", 512))

@@ -8,8 +8,10 @@ import pytest
 import torch
 from torch import nn
 
+from craft_ext.data.synthetic import SyntheticFaceDataset
 from craft_ext.models import get_model
 from craft_ext.pruning import (
+    _vote_threshold,
     find_prunable,
     load_pruned,
     profile,
@@ -18,7 +20,9 @@ from craft_ext.pruning import (
     save_pruned,
     select_samples,
 )
+from craft_ext.pruning_cli import _load_backbone, finetune
 from craft_ext.pruning_cli import main as prune_main
+from craft_ext.train.toy import ToyFaces
 
 
 def _small_iresnet(seed: int = 0) -> nn.Module:
@@ -127,21 +131,133 @@ def test_voting_keeps_one_filter_and_uses_populous_identities():
     assert select_samples([0, 1, 1, 2, 2, 2, 3], 4) == [1, 3, 4, 5]
     assert select_samples(torch.tensor([5, 5, 6]), 10) == [0, 1, 2]
 
+    # identity 2 (4 images) then identity 1 (3 images, ties broken by label) are the most
+    # populous, and neither is at the front or the back of the data
+    labels = [0, 1, 2, 2, 3, 1, 2, 4, 2, 1]
+    want = [1, 2, 3, 6, 8]  # identity 2: 2, 3, 6, 8; then the first image of identity 1
+    assert select_samples(labels, 5) == want
+
     class Labelled(torch.utils.data.Dataset):
-        labels = [0, 1, 1, 1, 2]
+        def __init__(self, with_labels: bool = True):
+            if with_labels:
+                self.labels = labels
 
         def __len__(self):
-            return 5
+            return len(labels)
 
         def __getitem__(self, i):
-            img = torch.full((3, 4, 4), float(i)) + torch.randn(3, 4, 4)
-            return img, self.labels[i]
+            # every pixel of image i is i (+ noise far below 0.5): the model reads its index
+            img = torch.full((3, 4, 4), float(i)) + 0.01 * torch.randn(3, 4, 4)
+            return img, labels[i]
 
-    # identity 1 has 3 images, then identity 0: samples 4 -> items 0..3, image 4 never used
-    loader = torch.utils.data.DataLoader(Labelled(), batch_size=2)
+    def picked(data) -> tuple[list[int], dict[str, list[int]]]:
+        seen: list[int] = []
+        model = _voting_model()
+        model[0].register_forward_pre_hook(
+            lambda _m, inp: seen.extend(inp[0][:, 0].mean(dim=(1, 2)).round().int().tolist())
+        )
+        plan = find_prunable(model, data, samples=5, batch_size=2)
+        return sorted(seen), plan
+
+    from_dataset, plan = picked(Labelled())
+    assert from_dataset == want
+    loader = torch.utils.data.DataLoader(Labelled(), batch_size=3)
+    from_loader, loader_plan = picked(loader)
+    assert from_loader == want and loader_plan == plan
+    assert picked(Labelled(with_labels=False)) == (want, plan)  # labels read from the items
     assert find_prunable(_voting_model(), Labelled(), samples=4) == find_prunable(
         _voting_model(), loader, samples=4
     )
+
+
+def test_vote_threshold_is_exact():
+    # k of n images as a vote fraction needs exactly k votes (0.55 * 100 = 55.00000000000001)
+    for n in range(1, 201):
+        for k in range(1, n + 1):
+            assert _vote_threshold(k / n, n) == k, (k, n)
+    # two-decimal votes: ceil(p * n / 100) in integers
+    for n in (1, 7, 99, 100, 101, 200, 1000):
+        for p in range(1, 101):
+            assert _vote_threshold(p / 100, n) == -(-p * n // 100), (p, n)
+    assert _vote_threshold(0.8, 100) == 80 and _vote_threshold(0.801, 100) == 81
+
+
+@pytest.mark.parametrize("flagged,vote,want3", [(55, 0.55, True), (54, 0.55, False)])
+def test_voting_exact_fraction(flagged, vote, want3):
+    images = torch.randn(100, 3, 6, 6, generator=torch.Generator().manual_seed(4))
+    images[:flagged, 2] = 0.0  # map 3 is empty in exactly `flagged` of the 100 images
+    plan = find_prunable(_voting_model(), images, vote=vote, samples=100)
+    assert plan == {"0": [1, 2, 3] if want3 else [1, 2]}
+
+
+def test_find_prunable_reads_back_once(monkeypatch):
+    model = _small_iresnet()
+    x = torch.randn(4, 3, 32, 32, generator=torch.Generator().manual_seed(5))
+    want = find_prunable(model, x, corr_threshold=0.5)
+    assert len(want) == 8 and any(want.values())
+    calls = {"cpu": 0, "tolist": 0, "item": 0}
+    for meth in calls:
+        orig = getattr(torch.Tensor, meth)
+
+        def counted(self, *args, _orig=orig, _meth=meth, **kwargs):
+            calls[_meth] += 1
+            return _orig(self, *args, **kwargs)
+
+        monkeypatch.setattr(torch.Tensor, meth, counted)
+    assert find_prunable(model, x, corr_threshold=0.5) == want
+    monkeypatch.undo()
+    assert calls["cpu"] == 1 and calls["tolist"] == 1 and calls["item"] == 0, calls
+
+
+def test_find_prunable_layer_validation():
+    model = _small_iresnet()
+    x = torch.randn(2, 3, 32, 32)
+    for name in ("conv1", "layer1.0.conv2", "layer2.0.downsample.0"):
+        with pytest.raises(ValueError, match=rf"layer '{name}' cannot be pruned"):
+            find_prunable(model, x, layers=["layer1.0.conv1", name])
+    with pytest.raises(ValueError, match=r"'layer1\.1\.conv1' is listed more than once"):
+        find_prunable(model, x, layers=["layer1.1.conv1", "layer2.0.conv1", "layer1.1.conv1"])
+    with pytest.raises(TypeError, match="not the str"):
+        find_prunable(model, x, layers="layer1.0.conv1")
+    plan = find_prunable(model, x, layers=["layer2.0.conv1", "layer1.1.conv1"])
+    assert list(plan) == ["layer2.0.conv1", "layer1.1.conv1"]
+    prune(model, plan)  # every plan find_prunable returns is accepted
+
+
+def test_synthetic_datasets_have_labels():
+    syn = SyntheticFaceDataset(3, 7, size=8)
+    assert syn.labels == [syn[i][1] for i in range(len(syn))] == [0, 1, 2, 0, 1, 2, 0]
+    toy = ToyFaces(3, 2, size=16)
+    assert toy.labels == [toy[i][1] for i in range(len(toy))] == [0, 0, 1, 1, 2, 2]
+
+
+@pytest.mark.parametrize("kind", ["synthetic", "toy"])
+def test_find_prunable_decodes_only_the_chosen_items(kind, monkeypatch):
+    if kind == "synthetic":
+        cls, data = SyntheticFaceDataset, SyntheticFaceDataset(4, 40, size=32)
+    else:
+        cls, data = ToyFaces, ToyFaces(4, 10, size=32)
+    read: list[int] = []
+    orig = cls.__getitem__
+
+    def counted(self, i):
+        read.append(i)
+        return orig(self, i)
+
+    monkeypatch.setattr(cls, "__getitem__", counted)
+    find_prunable(_small_iresnet(), data, samples=6)
+    want = select_samples([data.labels[i] for i in range(len(data))], 6)
+    assert sorted(read) == want  # labels from the dataset: only the 6 chosen images decoded
+
+
+def test_prune_plan_values_may_be_tensors_or_empty():
+    model = _small_iresnet()
+    want = prune(model, {"layer1.0.conv1": [0, 5], "layer2.0.conv1": []})
+    got = prune(model, {"layer1.0.conv1": torch.tensor([0, 5]), "layer2.0.conv1": torch.tensor([])})
+    assert got.layer1[0].conv1.out_channels == 6 and got.layer2[0].conv1.out_channels == 16
+    x = torch.randn(2, 3, 32, 32)
+    with torch.no_grad():
+        torch.testing.assert_close(got.eval()(x), want.eval()(x))
 
 
 def test_profile_counts():
@@ -213,6 +329,29 @@ def test_cli_smoke(tmp_path, capsys):
         not torch.equal(a, b) for a, b in zip(tuned.parameters(), start.parameters(), strict=True)
     )
     assert "pruned" in capsys.readouterr().out
+
+
+def test_load_backbone_wrapped_and_prefixed(tmp_path):
+    model = _small_iresnet(seed=3)
+    sd = {f"module.{k}": v for k, v in model.state_dict().items()}
+    torch.save({"state_dict": sd, "epoch": 7}, tmp_path / "wrapped.pth")
+    loaded, network, options = _load_backbone(str(tmp_path / "wrapped.pth"), None)
+    assert network == "r18" and options["num_features"] == 16
+    for k, v in model.state_dict().items():
+        assert torch.equal(loaded.state_dict()[k], v), k
+    x = torch.randn(2, 3, 32, 32)
+    with torch.no_grad():
+        torch.testing.assert_close(loaded.eval()(x), model(x))
+    # a run directory holding backbone.pth
+    torch.save(model.state_dict(), tmp_path / "backbone.pth")
+    assert _load_backbone(str(tmp_path), "r18")[1] == "r18"
+
+
+def test_finetune_needs_steps():
+    data = SyntheticFaceDataset(2, 4, size=32)
+    for steps in (0, -1, 1.0, True):
+        with pytest.raises(ValueError, match="steps must be a positive int"):
+            finetune(_small_iresnet(), data, 2, steps=steps, batch_size=2)
 
 
 def test_cli_errors(tmp_path, capsys):

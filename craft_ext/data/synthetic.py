@@ -52,6 +52,11 @@ class SyntheticFaceDataset(Dataset):
     def __len__(self) -> int:
         return self.num_samples
 
+    @property
+    def labels(self) -> list[int]:
+        """Label of every sample (``i % num_classes``), without generating any image."""
+        return [i % self.num_classes for i in range(self.num_samples)]
+
     def _pattern(self, label: int) -> torch.Tensor:
         g = torch.Generator().manual_seed(_seed(self.seed, 1, label))
         coarse = torch.rand(1, 3, 7, 7, generator=g) * 200.0 + 28.0

@@ -73,6 +73,11 @@ class ToyFaces(Dataset):
     def __len__(self) -> int:
         return self.num_classes * self.per_class
 
+    @property
+    def labels(self) -> list[int]:
+        """Label of every item (``i // per_class``), without rendering any image."""
+        return [i // self.per_class for i in range(len(self))]
+
     def image(self, identity: int, index: int) -> Tensor:
         """Image ``index`` of absolute identity ``identity`` (uint8 [3, size, size])."""
         if identity not in self._patterns:
