@@ -377,6 +377,15 @@ def _reactivate_checked(
     return Reactivation(*impl(weight, used, order_key, fallback_u, noise, threshold, method))
 
 
+def _step_backend(weight: Tensor, backend: str | None) -> str:
+    """The backend of ``reactivate_`` for ``weight``: :func:`_resolve_fast` inlined, as this
+    runs after every optimizer step with ``interval=1``."""
+    requested = backend or _BACKEND_OVERRIDE.get() or _ENV_BACKEND or "auto"
+    device_type = "cpu" if weight.is_cpu else weight.device.type
+    interpret = requested == "triton" and os.environ.get("TRITON_INTERPRET", "") == "1"
+    return _resolve_cached(device_type, "reactivate_", requested, interpret)
+
+
 def _reactivate_and_reset_checked(
     weight: Tensor,
     used: Tensor,
@@ -390,12 +399,8 @@ def _reactivate_and_reset_checked(
     """:func:`craft_ext.reference.reactivate_and_reset_` with the backend's ``reactivate_``
     (callers validate and disable grad; ``state`` holds tensors only). On CPU with the compiled
     extension it is one C++ call (``craft_ext::reactivate_and_reset_``, same draws, same
-    results): the per-step path of :class:`craft_ext.Reactivator` with ``interval=1``."""
-    # _resolve_fast inlined: this runs after every optimizer step with interval=1
-    requested = backend or _BACKEND_OVERRIDE.get() or _ENV_BACKEND or "auto"
-    device_type = "cpu" if weight.is_cpu else weight.device.type
-    interpret = requested == "triton" and os.environ.get("TRITON_INTERPRET", "") == "1"
-    name = _resolve_cached(device_type, "reactivate_", requested, interpret)
+    results): :meth:`craft_ext.Reactivator.reactivate`."""
+    name = _step_backend(weight, backend)
     if name == "cpp" and _fused_cpu():
         op = torch.ops.craft_ext.reactivate_and_reset_.default
         # eager calls skip OpOverload.__call__'s Python frame (a few us per step when cold);
@@ -422,6 +427,40 @@ def _reactivate_and_reset_checked(
 @functools.cache
 def _fused_cpu() -> bool:
     return has_kernel("reactivate_and_reset_", "CPU")
+
+
+def _reactivate_and_record_checked(
+    weight: Tensor,
+    used: Tensor,
+    total: Tensor,
+    state: list[Tensor],
+    reactivated_log: Tensor,
+    donor_log: Tensor,
+    slot: int,
+    generator: torch.Generator | None,
+    method: str,
+    threshold: float,
+    backend: str | None,
+) -> None:
+    """:func:`craft_ext.reference.reactivate_and_record_` with the backend's ``reactivate_``
+    (callers validate, disable grad and own the logs): :class:`craft_ext.Reactivator`'s
+    per-step hook. On CPU with the compiled extension it is one C++ call that, when no filter
+    is inactive, allocates nothing and returns nothing to Python."""
+    name = _step_backend(weight, backend)
+    args = (weight, used, total, state, reactivated_log, donor_log, slot, generator, threshold)
+    if name == "cpp" and _recording_cpu():
+        op = torch.ops.craft_ext.reactivate_and_record_.default
+        (op if torch.compiler.is_compiling() else op._op)(*args, method)  # checked in C++
+        return
+    _check_used(used, weight)
+    _check_total(total, weight)
+    _check_generator(generator, weight.device)
+    reference.reactivate_and_record_(*args, method, reactivate=_impl("reactivate_", name))
+
+
+@functools.cache
+def _recording_cpu() -> bool:
+    return has_kernel("reactivate_and_record_", "CPU")
 
 
 # --------------------------------------------------------------------------------------------
@@ -552,8 +591,14 @@ def _fake_reactivate_and_reset(weight: Tensor, *_: object) -> tuple[Tensor, Tens
     return _fake_reactivate(weight, weight, weight, weight, None, 0.0, "craft")
 
 
+def _fake_reactivate_and_record(*_: object) -> None:
+    """reactivate_and_record_ returns nothing (it writes its arguments)."""
+    return None
+
+
 _FAKES: dict[str, Callable[..., object]] = {
     "feature_map_stats": _fake_feature_map_stats,
+    "reactivate_and_record_": _fake_reactivate_and_record,
     "filter_stats": _fake_filter_stats,
     "reactivate_": _fake_reactivate,
     "reactivate_and_reset_": _fake_reactivate_and_reset,

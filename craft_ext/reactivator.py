@@ -46,6 +46,7 @@ from .ops import (
     _check_total,
     _check_used,
     _check_weight,
+    _reactivate_and_record_checked,
     _reactivate_and_reset_checked,
 )
 
@@ -71,9 +72,9 @@ class ReactivationEvent(NamedTuple):
 
 
 class _Pending(NamedTuple):
-    """k events of one weight still on the device: ``reactivated`` bool and ``donor`` int64,
-    [N] for one event, [k, N] once stacked; ``seq`` (global order) and ``steps`` have k
-    entries each."""
+    """k events of one weight still on the device: ``reactivated`` bool and ``donor`` int64
+    [k, N] ([N] for one event in states saved by older versions); ``seq`` (global order) and
+    ``steps`` have k entries each."""
 
     seq: tuple[int, ...]
     steps: tuple[int, ...]
@@ -83,8 +84,10 @@ class _Pending(NamedTuple):
     donor: Tensor
 
 
-#: pending records are stacked (device-side ``torch.stack``, no sync) per weight past this many
-_COMPACT_AT = 256
+#: rows of an event log: the events of one watched weight are written (on the device, by the
+#: reactivation op itself) into rows of a [_LOG_ROWS, N] pair of tensors; a full log is kept as
+#: it is and a new one started, so recording allocates once per _LOG_ROWS events
+_LOG_ROWS = 256
 #: unread records beyond this many bytes of device memory are dropped, oldest first (with a
 #: warning): a loop that never reads events must not grow without bound (with ``interval=1``
 #: each step records N bools + N int64 per watched weight)
@@ -200,6 +203,28 @@ def _nccl() -> bool:
     return torch.distributed.get_backend() == "nccl"
 
 
+class _Log:
+    """The open event log of one watched weight: rows [0, len(seq)) of ``reactivated`` bool
+    [R, N] and ``donor`` int64 [R, N] hold events not yet read; ``seq`` / ``steps`` (host) their
+    global order and optimizer step."""
+
+    __slots__ = ("reactivated", "donor", "seq", "steps")
+
+    def __init__(self, weight: Tensor) -> None:
+        n = weight.shape[0]
+        self.reactivated = torch.zeros(_LOG_ROWS, n, dtype=torch.bool, device=weight.device)
+        self.donor = torch.full((_LOG_ROWS, n), -1, dtype=torch.int64, device=weight.device)
+        self.seq: list[int] = []
+        self.steps: list[int] = []
+
+    def pending(self, name: str, method: str, copy: bool = False) -> _Pending:
+        k = len(self.seq)
+        mask, donor = self.reactivated[:k], self.donor[:k]
+        if copy:
+            mask, donor = mask.clone(), donor.clone()
+        return _Pending(tuple(self.seq), tuple(self.steps), name, method, mask, donor)
+
+
 class Reactivator:
     """Reactivates inactive filters of watched weights, alone or hooked to an optimizer.
 
@@ -257,9 +282,8 @@ class Reactivator:
         self.calls = 0  #: reactivations run
         self.interval: int | None = None
         self.optimizer: torch.optim.Optimizer | None = None
-        self._pending: list[_Pending] = []  #: stacked records (and records loaded from a state)
-        #: the latest records, one event each: (seq, step, name, method, reactivated, donor)
-        self._recent: list[tuple[int, int, str, str, Tensor, Tensor]] = []
+        self._pending: list[_Pending] = []  #: full logs (and records loaded from a state)
+        self._logs: list[_Log | None] = [None] * len(self.weights)  #: open logs, per weight
         self._seq = 0
         self._host_events: list[ReactivationEvent] = []
         #: records dropped unread to bound device memory (see drain_events)
@@ -316,7 +340,7 @@ class Reactivator:
     def _after_step(self, optimizer: torch.optim.Optimizer, args: Any, kwargs: Any) -> None:
         self.steps += 1
         if self.interval is not None and self.steps % self.interval == 0:
-            self.reactivate()
+            self._reactivate_recorded()
 
     # -- reactivation -----------------------------------------------------------------------
 
@@ -326,75 +350,109 @@ class Reactivator:
         For each weight: :func:`craft_ext.reactivate_` with this object's ``used`` mask and
         generator, then the rows of reactivated filters are zeroed in the attached optimizer's
         state tensors shaped like the weight, and an event is recorded on the device.
-        Returns one :class:`craft_ext.Reactivation` per watched weight (on the device); its
-        ``reactivated`` and ``donor`` tensors are held (not copied) by the pending event until
-        it is read, so do not modify them in place.
+        Returns one :class:`craft_ext.Reactivation` per watched weight (on the device).
         """
-        # The hot path with interval=1: the weights were validated at construction, so this
-        # goes straight to the backend (on CPU one C++ call per weight; the backends check that
-        # used / total still match a weight that may have been moved since).
-        opt_state = self.optimizer.state if self.optimizer is not None else None
         out = []
+        grad = torch.is_grad_enabled()
+        torch._C._set_grad_enabled(False)
+        try:
+            for i, w in enumerate(self.weights):
+                res = self._reset(i)
+                if not self._capturing(w):
+                    log, slot = self._open_log(i)
+                    log.reactivated[slot] = res.reactivated
+                    log.donor[slot] = res.donor
+                    self._close_slot(i, log)
+                out.append(res)
+        finally:
+            torch._C._set_grad_enabled(grad)
+        self.calls += 1
+        return out
+
+    def _reactivate_recorded(self) -> None:
+        """:meth:`reactivate` as the step hook runs it: the op writes each event straight into
+        the weight's open log and returns nothing (on CPU: one C++ call per weight that, with
+        no inactive filter, allocates nothing)."""
+        # The hot path with interval=1: the weights were validated at construction, so this
+        # goes straight to the backend (the backends check that used / total still match a
+        # weight that may have been moved since).
         grad = torch.is_grad_enabled()
         torch._C._set_grad_enabled(False)  # torch.no_grad() without its Python overhead
         try:
             for i, w in enumerate(self.weights):
-                state = opt_state.get(w) if opt_state is not None else None
-                bufs = []  # the weight's optimizer state tensors (a loop: no comprehension frame)
-                if state:
-                    for v in state.values():
-                        if isinstance(v, Tensor):
-                            bufs.append(v)
-                res = _reactivate_and_reset_checked(
+                if w.is_cuda and torch.cuda.is_current_stream_capturing():
+                    self._reset(i)  # no event inside capture (replays would overwrite it)
+                    continue
+                log = self._logs[i]
+                if log is None:
+                    log = self._logs[i] = _Log(w)
+                _reactivate_and_record_checked(
                     w,
                     self._used[i],
                     self._total[i],
-                    bufs,
+                    self._state_tensors(w),
+                    log.reactivated,
+                    log.donor,
+                    len(log.seq),
                     self._weight_gens[i],
                     self.method,
                     self.threshold,
                     None,
                 )
-                # inside CUDA-graph capture no event is recorded (replays would overwrite it)
-                if not (w.is_cuda and torch.cuda.is_current_stream_capturing()):
-                    # the event stays on the device (the op's outputs are fresh tensors)
-                    self._seq += 1
-                    self._recent.append(
-                        (self._seq, self.steps, self.names[i], self.method, res[1], res[2])
-                    )
-                out.append(res)
+                self._close_slot(i, log)
         finally:
             torch._C._set_grad_enabled(grad)
         self.calls += 1
-        if len(self._recent) > _COMPACT_AT:
-            self._compact()
-        return out
 
-    def _compact(self) -> None:
-        """Stack the recent single-event records per (weight, method) into [k, N] records.
+    def _reset(self, i: int) -> Reactivation:
+        """Reactivate watched weight ``i`` and reset its state rows, without recording."""
+        w = self.weights[i]
+        return _reactivate_and_reset_checked(
+            w,
+            self._used[i],
+            self._total[i],
+            self._state_tensors(w),
+            self._weight_gens[i],
+            self.method,
+            self.threshold,
+            None,
+        )
 
-        A few device copies (``torch.stack``), no sync; records stacked before are kept as they
-        are, so each event is copied once however long the run (amortised O(1) per step).
-        """
-        groups: dict[tuple[str, str], list[tuple[int, int, str, str, Tensor, Tensor]]] = {}
-        for rec in self._recent:
-            groups.setdefault((rec[2], rec[3]), []).append(rec)
-        for (name, method), recs in groups.items():
-            self._pending.append(
-                _Pending(
-                    tuple(r[0] for r in recs),
-                    tuple(r[1] for r in recs),
-                    name,
-                    method,
-                    torch.stack([r[4] for r in recs]),
-                    torch.stack([r[5] for r in recs]),
-                )
-            )
-        self._recent = []
-        self._bound_pending()
+    def _state_tensors(self, weight: Tensor) -> list[Tensor]:
+        """The attached optimizer's state tensors of ``weight`` (any shape; the ops skip those
+        not shaped like it)."""
+        bufs: list[Tensor] = []
+        if self.optimizer is not None:
+            state = self.optimizer.state.get(weight)
+            if state:
+                for v in state.values():  # a loop: no comprehension frame on the hot path
+                    if isinstance(v, Tensor):
+                        bufs.append(v)
+        return bufs
+
+    @staticmethod
+    def _capturing(weight: Tensor) -> bool:
+        return weight.is_cuda and torch.cuda.is_current_stream_capturing()
+
+    def _open_log(self, i: int) -> tuple[_Log, int]:
+        log = self._logs[i]
+        if log is None:
+            log = self._logs[i] = _Log(self.weights[i])
+        return log, len(log.seq)
+
+    def _close_slot(self, i: int, log: _Log) -> None:
+        """Account for the event just written to the next row of ``log``; a full log becomes a
+        pending record (kept as it is: no copy) and the weight's next event opens a new one."""
+        self._seq += 1
+        log.seq.append(self._seq)
+        log.steps.append(self.steps)
+        if len(log.seq) == _LOG_ROWS:
+            self._pending.append(log.pending(self.names[i], self.method))
+            self._logs[i] = None
+            self._bound_pending()
 
     def _bound_pending(self) -> None:
-        """Drop the oldest stacked records past :data:`_MAX_PENDING_BYTES` (host-side sizes,
+        """Drop the oldest full logs past :data:`_MAX_PENDING_BYTES` (host-side sizes,
         no sync); their count is kept in :attr:`dropped_records`."""
         sizes = [
             p.reactivated.numel() * p.reactivated.element_size()
@@ -415,11 +473,13 @@ class Reactivator:
                 stacklevel=3,
             )
 
-    def _all_pending(self) -> list[_Pending]:
-        """Every record not yet read, stacked ones first (one-event records as [N] tensors)."""
+    def _all_pending(self, copy: bool = False) -> list[_Pending]:
+        """Every record not yet read: full logs first, then the open ones (their filled rows;
+        views of the logs unless ``copy``)."""
         return self._pending + [
-            _Pending((seq,), (step,), name, method, mask, donor)
-            for seq, step, name, method, mask, donor in self._recent
+            log.pending(name, self.method, copy)
+            for name, log in zip(self.names, self._logs, strict=True)
+            if log is not None and log.seq
         ]
 
     @property
@@ -461,7 +521,10 @@ class Reactivator:
         pending = self._all_pending()
         if not pending:
             return
-        self._pending, self._recent = [], []
+        self._pending = []
+        for log in self._logs:  # the copies below are made before any later step writes a row
+            if log is not None:
+                log.seq, log.steps = [], []
         masks = torch.cat([p.reactivated.reshape(-1).cpu() for p in pending])
         donors = torch.cat([p.donor.reshape(-1).to(torch.int64).cpu() for p in pending])
         found: list[tuple[int, ReactivationEvent]] = []
@@ -505,7 +568,7 @@ class Reactivator:
             "total": [t.clone() for t in self._total],
             "generators": {dev: g.get_state() for dev, g in self._generators.items()},
             "seq": self._seq,
-            "pending": [tuple(p) for p in self._all_pending()],
+            "pending": [tuple(p) for p in self._all_pending(copy=True)],
             "events": [tuple(e) for e in self._host_events],
             "dropped_records": self.dropped_records,
         }
@@ -547,7 +610,7 @@ class Reactivator:
             self._pending.append(
                 _Pending(tuple(seq), tuple(steps), name, method, mask.to(dev), donor.to(dev))
             )
-        self._recent = []
+        self._logs = [None] * len(self.weights)
         self._seq = int(state["seq"])
         self._host_events = [
             ReactivationEvent(int(s), n, m, list(f), list(d)) for s, n, m, f, d in state["events"]

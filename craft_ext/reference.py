@@ -22,6 +22,7 @@ __all__ = [
     "reactivate_",
     "reactivate_and_reset_",
     "reactivation_inputs",
+    "reactivate_and_record_",
     "craft_donors",
     "kaiming_std",
     "feature_map_stats",
@@ -222,6 +223,37 @@ def reactivate_and_reset_(
             buf.masked_fill_(mask, 0)
     total.add_(out[3])
     return out  # type: ignore[return-value]
+
+
+def reactivate_and_record_(
+    weight: Tensor,
+    used: Tensor,
+    total: Tensor,
+    state: list[Tensor],
+    reactivated_log: Tensor,
+    donor_log: Tensor,
+    slot: int,
+    generator: torch.Generator | None,
+    threshold: float,
+    method: str,
+    *,
+    reactivate: Callable[..., tuple[Tensor, ...]] | None = None,
+) -> None:
+    """:func:`reactivate_and_reset_`, keeping its ``reactivated`` and ``donor`` as row ``slot``
+    of the event logs instead of returning them::
+
+        _, reactivated, donor, _ = reactivate_and_reset_(weight, used, total, state, ...)
+        reactivated_log[slot] = reactivated     (bool  [R, N])
+        donor_log[slot]       = donor           (int64 [R, N])
+
+    :class:`craft_ext.Reactivator` keeps the events it has not reported yet in such logs (one
+    pair per watched weight), so a step with ``interval=1`` creates no tensor to hold.
+    """
+    out = reactivate_and_reset_(
+        weight, used, total, state, generator, threshold, method, reactivate=reactivate
+    )
+    reactivated_log[slot] = out[1]
+    donor_log[slot] = out[2]
 
 
 def feature_map_stats(

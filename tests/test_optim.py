@@ -214,7 +214,7 @@ def test_events_content(method):
     assert r.drain_events() == events and r.events == [] and r.drain_events() == []
 
 
-def test_pending_events_are_compacted_without_changing_them(monkeypatch):
+def test_full_event_logs_keep_events_unchanged(monkeypatch):
     def run() -> list[craft_ext.ReactivationEvent]:
         model = make_model()
         opt = craft_ext.ReactivatingSGD(
@@ -224,14 +224,14 @@ def test_pending_events_are_compacted_without_changing_them(monkeypatch):
         return opt.drain_events()
 
     plain = run()
-    monkeypatch.setattr(craft_ext.reactivator, "_COMPACT_AT", 2)
+    monkeypatch.setattr(craft_ext.reactivator, "_LOG_ROWS", 2)
     assert run() == plain and len(plain) >= 3
 
 
 def test_unread_records_are_bounded(monkeypatch):
     """A loop that never reads events keeps at most _MAX_PENDING_BYTES of records: the oldest
     are dropped with a warning and counted; the newest stay readable; counts stay exact."""
-    monkeypatch.setattr(craft_ext.reactivator, "_COMPACT_AT", 2)
+    monkeypatch.setattr(craft_ext.reactivator, "_LOG_ROWS", 2)
     record = N_FILTERS * (1 + 8)  # bytes of one record: bool mask + int64 donors
     monkeypatch.setattr(craft_ext.reactivator, "_MAX_PENDING_BYTES", 4 * record)
     model = make_model()
@@ -246,6 +246,40 @@ def test_unread_records_are_bounded(monkeypatch):
     assert events and min(e.step for e in events) > r.dropped_records - 1
     assert opt.total_reactivated >= sum(len(e.filters) for e in events)
     assert opt.state_dict()["craft_reactivator"]["dropped_records"] == r.dropped_records
+
+
+@pytest.mark.parametrize("log_rows", [256, 2])
+def test_events_read_every_step_equal_events_read_at_the_end(log_rows, monkeypatch):
+    """Reading empties the open logs, whose rows are then written again: what is read along
+    the way is what a single read at the end returns."""
+    monkeypatch.setattr(craft_ext.reactivator, "_LOG_ROWS", log_rows)
+    runs = []
+    for read_every_step in (False, True):
+        model = make_model()
+        opt = craft_ext.ReactivatingSGD(
+            model.parameters(), lr=0.01, reactivate=[model[0], model[2]], interval=1, seed=4
+        )
+        events = []
+        for s in range(9):
+            train(model, opt, s, 1, kill=True)
+            if read_every_step:
+                events += opt.drain_events()
+        runs.append(events + opt.drain_events())
+    assert runs[0] == runs[1] and len(runs[0]) >= 3
+
+
+def test_saved_pending_events_do_not_change_with_later_steps():
+    model = make_model()
+    opt = craft_ext.ReactivatingSGD(model.parameters(), lr=0.01, reactivate=model[0], interval=1)
+    train(model, opt, 0, 4, kill=True)
+    saved = opt.state_dict()["craft_reactivator"]["pending"]
+    frozen = [(m.clone(), d.clone()) for *_, m, d in saved]
+    opt.drain_events()
+    train(model, opt, 4, 6, kill=True)  # writes the same log rows again
+    assert frozen and all(
+        torch.equal(m, fm) and torch.equal(d, fd)
+        for (*_, m, d), (fm, fd) in zip(saved, frozen, strict=True)
+    )
 
 
 def test_names_from_pairs_and_optimizer():
@@ -278,9 +312,9 @@ def build(method: str):
     return model, opt
 
 
-@pytest.mark.parametrize("method,compact_at", [("craft", 256), ("random", 3)])
-def test_resume_is_bit_identical(method, compact_at, monkeypatch):
-    monkeypatch.setattr(craft_ext.reactivator, "_COMPACT_AT", compact_at)
+@pytest.mark.parametrize("method,log_rows", [("craft", 256), ("random", 3)])
+def test_resume_is_bit_identical(method, log_rows, monkeypatch):
+    monkeypatch.setattr(craft_ext.reactivator, "_LOG_ROWS", log_rows)
     k = 5
     model_a, opt_a = build(method)
     train(model_a, opt_a, 0, 2 * k, kill=True)
@@ -369,6 +403,30 @@ def test_reactivation_body_compiles_fullgraph():
     assert reactivated[[2, 3]].all() and int(reactivated.sum()) == 2 and int(total) == 2
     assert (state[0][[2, 3]] == 0).all() and (state[0][[0, 1, 4]] == 1).all()
     assert (state[1] == 1).all() and int(used.sum()) == 2
+
+
+def test_recording_body_compiles_fullgraph():
+    """The step hook's op (reactivate_and_record_) traces without a graph break."""
+    from craft_ext.ops import _reactivate_and_record_checked
+
+    w = torch.randn(N_FILTERS, 3, 3, 3, generator=torch.Generator().manual_seed(0))
+    plant(w, [1, 4])
+    used = torch.zeros(N_FILTERS, dtype=torch.bool)
+    total = torch.zeros((), dtype=torch.int64)
+    buf = torch.ones_like(w)
+    rlog = torch.zeros(3, N_FILTERS, dtype=torch.bool)
+    dlog = torch.full((3, N_FILTERS), -1, dtype=torch.int64)
+
+    def body(w, used, total, buf, rlog, dlog):
+        _reactivate_and_record_checked(
+            w, used, total, [buf], rlog, dlog, 1, None, "craft", 1e-3, "auto"
+        )
+
+    torch._dynamo.reset()
+    torch.compile(body, fullgraph=True, backend="aot_eager")(w, used, total, buf, rlog, dlog)
+    assert rlog[1, [1, 4]].all() and int(rlog[1].sum()) == 2 and int(total) == 2
+    assert not rlog[[0, 2]].any() and (dlog[1, [1, 4]] >= 0).all()
+    assert (buf[[1, 4]] == 0).all() and (buf[[0, 2, 3]] == 1).all()
 
 
 @pytest.mark.cuda

@@ -242,3 +242,161 @@ def test_every_written_argument_gets_a_new_version():
     before = [t._version for t in tensors]
     fused(w, used, total, state, None, THR, "craft")
     assert all(t._version > v for t, v in zip(tensors, before, strict=True))
+
+
+# ---------------------------------------------------------------------------------------------
+# reactivate_and_record_: the same reactivation, its event written into row `slot` of two logs
+# ---------------------------------------------------------------------------------------------
+
+
+def _recording():
+    _fused()
+    if not hasattr(torch.ops.craft_ext, "reactivate_and_record_"):
+        pytest.skip("the compiled extension predates reactivate_and_record_ (rebuild it)")
+    return torch.ops.craft_ext.reactivate_and_record_.default
+
+
+def _logs(n, rows=5):
+    return torch.zeros(rows, n, dtype=torch.bool), torch.full((rows, n), -7, dtype=torch.int64)
+
+
+@settings(max_examples=40, deadline=None)
+@given(
+    n=st.integers(1, 24),
+    k=st.sampled_from([1, 4, 27]),
+    n_inactive=st.integers(0, 24),
+    method=st.sampled_from(craft_ext.METHODS),
+    dtype=st.sampled_from(DTYPES),
+    seed=st.integers(0, 2**16),
+    slots=st.lists(st.integers(0, 4), min_size=1, max_size=4),
+)
+def test_record_matches_composition_over_calls(n, k, n_inactive, method, dtype, seed, slots):
+    """Each call equals reference.reactivate_and_record_ (itself reactivate_and_reset_ plus two
+    row writes): weights, mask, total, state, generator, and the log rows, bit for bit; rows
+    other than ``slot`` are left as they were."""
+    record = _recording()
+    w = planted((n, k), list(range(min(n_inactive, n))), seed=seed, dtype=dtype)
+    state = state_like(w, seed)
+
+    def fresh():
+        return [
+            w.clone(),
+            torch.zeros(n, dtype=torch.bool),
+            torch.zeros((), dtype=torch.int64),
+            [s.clone() for s in state],
+            *_logs(n),
+        ]
+
+    a, b = fresh(), fresh()
+    ga, gb = torch.Generator().manual_seed(seed), torch.Generator().manual_seed(seed)
+    for call, slot in enumerate(slots):
+        record(*a, slot, ga, THR, method)
+        reference.reactivate_and_record_(*b, slot, gb, THR, method)
+        for name, x, y in zip(
+            ("used", "total", "reactivated_log", "donor_log"),
+            a[1:3] + a[4:],
+            b[1:3] + b[4:],
+            strict=True,
+        ):
+            assert torch.equal(x, y), name
+        for x, y in zip(a[3], b[3], strict=True):
+            torch.testing.assert_close(x, y, rtol=0, atol=0, equal_nan=True)
+        tol = {torch.float16: 1e-3, torch.bfloat16: 8e-3}.get(dtype, 1e-6)
+        torch.testing.assert_close(
+            a[0], b[0], rtol=0 if method == "craft" else tol, atol=0 if method == "craft" else tol
+        )
+        assert torch.equal(ga.get_state(), gb.get_state())
+        b[0].copy_(a[0])
+        for x in (a[0], b[0]):  # kill a few filters again
+            x[torch.arange(n) % 3 == call % 3] *= 1e-5
+    untouched = [r for r in range(5) if r not in slots]
+    assert (a[5][untouched] == -7).all() and not a[4][untouched].any()
+
+
+def test_record_writes_what_reset_returns():
+    record, fused = _recording(), _fused()
+    w = planted((12, 3, 3, 3), [0, 5, 7])
+    used = torch.arange(12) % 4 == 1
+    args_a = [w.clone(), used.clone(), torch.zeros((), dtype=torch.int64), state_like(w)]
+    args_b = [w.clone(), used.clone(), torch.zeros((), dtype=torch.int64), state_like(w)]
+    logs = _logs(12)
+    record(*args_a, *logs, 3, torch.Generator().manual_seed(4), THR, "craft")
+    out = fused(*args_b, torch.Generator().manual_seed(4), THR, "craft")
+    assert torch.equal(logs[0][3], out[1]) and torch.equal(logs[1][3], out[2])
+    assert int(out[3]) == 3 and torch.equal(args_a[0], args_b[0])
+
+
+def test_record_opcheck():
+    record = _recording()
+    for method in craft_ext.METHODS:
+        w = planted((9, 2, 3, 3), [0, 3, 4])
+        used = torch.arange(9) % 3 == 0
+        total = torch.zeros((), dtype=torch.int64)
+        state = [torch.randn(w.shape), torch.tensor(3.0)]
+        torch.library.opcheck(
+            record,
+            (w, used, total, state, *_logs(9), 2, None, THR, method),
+            test_utils=OPCHECK_TESTS,
+        )
+
+
+@pytest.mark.parametrize(
+    "logs,slot,match",
+    [
+        (
+            lambda: (torch.zeros(4, 6, dtype=torch.uint8), torch.zeros(4, 6, dtype=torch.int64)),
+            0,
+            "reactivated_log must be a contiguous bool",
+        ),
+        (
+            lambda: (torch.zeros(4, 5, dtype=torch.bool), torch.zeros(4, 5, dtype=torch.int64)),
+            0,
+            "reactivated_log must be a contiguous bool",
+        ),
+        (
+            lambda: (torch.zeros(4, 6, dtype=torch.bool), torch.zeros(3, 6, dtype=torch.int64)),
+            0,
+            "donor_log must be a contiguous int64",
+        ),
+        (
+            lambda: (torch.zeros(6, 4, dtype=torch.bool).t(), torch.zeros(4, 6, dtype=torch.int64)),
+            0,
+            "reactivated_log must be a contiguous bool",
+        ),
+        (
+            lambda: (torch.zeros(4, 6, dtype=torch.bool), torch.zeros(4, 6, dtype=torch.int64)),
+            4,
+            r"slot must be in \[0, 4\)",
+        ),
+        (
+            lambda: (torch.zeros(4, 6, dtype=torch.bool), torch.zeros(4, 6, dtype=torch.int64)),
+            -1,
+            r"slot must be in \[0, 4\)",
+        ),
+    ],
+)
+def test_record_bad_logs_raise_and_modify_nothing(logs, slot, match):
+    record = _recording()
+    w = planted((6, 3, 3, 3), [1, 2])
+    used, total = torch.zeros(6, dtype=torch.bool), torch.zeros((), dtype=torch.int64)
+    state = [torch.ones(w.shape)]
+    rlog, dlog = logs()
+    gen = torch.Generator().manual_seed(0)
+    before = [t.clone() for t in (w, used, total, state[0], rlog, dlog, gen.get_state())]
+    with pytest.raises(RuntimeError, match=match):
+        record(w, used, total, state, rlog, dlog, slot, gen, THR, "craft")
+    after = (w, used, total, state[0], rlog, dlog, gen.get_state())
+    for x, y in zip(after, before, strict=True):
+        assert torch.equal(x, y)
+
+
+def test_record_bumps_every_written_argument():
+    record = _recording()
+    w = planted((8, 3, 3, 3), [2])
+    used, total = torch.zeros(8, dtype=torch.bool), torch.zeros((), dtype=torch.int64)
+    state = [torch.ones(w.shape)]
+    rlog, dlog = _logs(8)
+    tensors = [w, used, total, *state, rlog, dlog]
+    before = [t._version for t in tensors]
+    record(w, used, total, state, rlog, dlog, 0, None, THR, "craft")
+    assert all(t._version > v for t, v in zip(tensors, before, strict=True))

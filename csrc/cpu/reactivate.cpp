@@ -205,6 +205,24 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> reactivate_cpu(
 std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> reactivate_cpu_keys(
     const at::Tensor& weight, const at::Tensor& used, KeySource keys,
     const std::optional<at::Tensor>& noise, double threshold, c10::string_view method_name) {
+  TORCH_CHECK(weight.dim() >= 1, "craft_ext::reactivate_: weight must have a filter dim 0");
+  const int64_t n = weight.size(0);
+  // Allocated with at::detail::empty_cpu (no dispatcher round trip) and filled through raw
+  // pointers by reactivate_cpu_into.
+  at::Tensor inactive_t = at::detail::empty_cpu({n}, at::kBool);
+  at::Tensor reactivated_t = at::detail::empty_cpu({n}, at::kBool);
+  at::Tensor donor_t = at::detail::empty_cpu({n}, at::kLong);
+  at::Tensor count_t = at::detail::empty_cpu({}, at::kLong);
+  *count_t.mutable_data_ptr<int64_t>() = reactivate_cpu_into(
+      weight, used, keys, noise, threshold, method_name, inactive_t.mutable_data_ptr<bool>(),
+      reactivated_t.mutable_data_ptr<bool>(), donor_t.mutable_data_ptr<int64_t>());
+  return {inactive_t, reactivated_t, donor_t, count_t};
+}
+
+int64_t reactivate_cpu_into(const at::Tensor& weight, const at::Tensor& used, KeySource keys,
+                            const std::optional<at::Tensor>& noise, double threshold,
+                            c10::string_view method_name, bool* out_inactive,
+                            bool* out_reactivated, int64_t* donor) {
   const Method method = parse_method(method_name);
   TORCH_CHECK(weight.dim() >= 1, "craft_ext::reactivate_: weight must have a filter dim 0");
   TORCH_CHECK(at::isFloatingType(weight.scalar_type()),
@@ -222,25 +240,14 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> reactivate_cpu_keys(
   }
 
   const auto bool_opts = weight.options().dtype(at::kBool);
-  // Allocated with at::detail::empty_cpu (no dispatcher round trip) and filled through raw
-  // pointers: this op runs at every optimizer step with interval=1, usually on a first conv
-  // layer of a few dozen filters, where such fixed costs dominate.
-  at::Tensor inactive_t = at::detail::empty_cpu({n}, at::kBool);
-  at::Tensor reactivated_t = at::detail::empty_cpu({n}, at::kBool);
-  at::Tensor donor_t = at::detail::empty_cpu({n}, at::kLong);
-  std::fill_n(inactive_t.mutable_data_ptr<bool>(), n, false);
-  std::fill_n(reactivated_t.mutable_data_ptr<bool>(), n, false);
-  std::fill_n(donor_t.mutable_data_ptr<int64_t>(), n, int64_t{-1});
-  const auto no_count = [&] {
-    at::Tensor count = at::detail::empty_cpu({}, at::kLong);
-    *count.mutable_data_ptr<int64_t>() = 0;
-    return count;
-  };
-  if (n == 0) return {inactive_t, reactivated_t, donor_t, no_count()};
+  if (out_inactive != nullptr) std::fill_n(out_inactive, n, false);
+  std::fill_n(out_reactivated, n, false);
+  std::fill_n(donor, n, int64_t{-1});
+  if (n == 0) return 0;
   TORCH_CHECK(k > 0, "craft_ext::reactivate_: filters must hold at least one element");
 
   // Early exit (this CPU kernel may branch on the data it reads): no inactive filter means
-  // nothing is written and the outputs are the all-false / -1 / 0 ones allocated above. Filters
+  // nothing is written and the outputs are the all-false / -1 / 0 ones filled above. Filters
   // that are dense blocks are scanned in place, without creating a view.
   const float thr = static_cast<float>(threshold);
   int64_t dense_stride = 0;
@@ -251,7 +258,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> reactivate_cpu_keys(
           any_inactive =
               any_inactive_rows(weight.const_data_ptr<scalar_t>(), dense_stride, n, k, thr);
         });
-    if (!any_inactive) return {inactive_t, reactivated_t, donor_t, no_count()};
+    if (!any_inactive) return 0;
   }
 
   // Filters as [n, k] rows written in place, or a contiguous copy written back at the end.
@@ -280,7 +287,6 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> reactivate_cpu_keys(
     for (int64_t i = 0; i < n; ++i) used_v[i] = u[i];
   }
 
-  int64_t* donor = donor_t.mutable_data_ptr<int64_t>();
   float mean_s = 0.0f, std_s = 0.0f;
   if (method == Method::kCraft) {
     const auto [key_p, fu_p] = keys();
@@ -330,15 +336,13 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> reactivate_cpu_keys(
     used.logical_or_(newly);
   }
 
-  bool* out_inactive = inactive_t.mutable_data_ptr<bool>();
-  bool* out_reactivated = reactivated_t.mutable_data_ptr<bool>();
   int64_t count = 0;
   for (int64_t i = 0; i < n; ++i) {
-    out_inactive[i] = inactive[i] != 0;
+    if (out_inactive != nullptr) out_inactive[i] = inactive[i] != 0;
     out_reactivated[i] = reactivated[i] != 0;
     count += reactivated[i];
   }
-  return {inactive_t, reactivated_t, donor_t, at::scalar_tensor(count, donor_t.options())};
+  return count;
 }
 
 TORCH_LIBRARY_IMPL(craft_ext, CPU, m) { m.impl("reactivate_", &reactivate_cpu); }

@@ -26,4 +26,11 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> reactivate_cpu_keys(
     const at::Tensor& weight, const at::Tensor& used, KeySource keys,
     const std::optional<at::Tensor>& noise, double threshold, c10::string_view method_name);
 
+// The same kernel writing its outputs to host arrays of N elements (inactive may be null);
+// returns the count. Allocates nothing when no filter is inactive.
+int64_t reactivate_cpu_into(const at::Tensor& weight, const at::Tensor& used, KeySource keys,
+                            const std::optional<at::Tensor>& noise, double threshold,
+                            c10::string_view method_name, bool* inactive, bool* reactivated,
+                            int64_t* donor);
+
 }  // namespace craft_ext

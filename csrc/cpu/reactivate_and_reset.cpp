@@ -1,25 +1,37 @@
 // CPU kernel of craft_ext::reactivate_and_reset_ (schema in csrc/ops.cpp, semantics in
-// craft_ext/reference.py::reactivate_and_reset_).
+// craft_ext/reference.py::reactivate_and_reset_), and of craft_ext::reactivate_and_record_.
 //
 // One reactivation of one watched weight as craft_ext.Reactivator runs it after an optimizer
 // step (CRAFT, Bhatta et al., arXiv 2312.00072), in a single call from Python:
-//   order_key, fallback_u = rand(N), rand(N)          (float32, from `generator`; one rand(2, N))
+//   order_key, fallback_u = rand(N), rand(N)          (float32, from `generator`)
 //   noise = randn(weight.shape)                        (float32; scaled_gaussian / random only)
 //   (inactive, reactivated, donor, count) = reactivate_(weight, used, order_key, fallback_u,
 //                                                       noise, ...)   (reactivate.cpp)
 //   buf[i, ...] = 0 for every reactivated i, for every buf in `state` shaped like weight
 //   total += count
-// The draws are the same ATen calls, in the same order, as the Python composition in
-// craft_ext/ops.py, so both consume the generator identically and give bit-identical results.
+// The draws are the same values, from the same generator calls in the same order, as the Python
+// composition (craft_ext/reference.py::reactivation_inputs), so both consume the generator
+// identically and give bit-identical results; the uniform ones are drawn straight from the CPU
+// generator without a tensor (see draw_keys).
 // With interval=1 this runs after every optimizer step, usually on a first conv layer of a few
 // dozen filters, where a Python composition of ~8 small ATen calls costs several times the
 // work itself. Everything here is host memory, so branching on the count is not a device sync.
+//
+// craft_ext::reactivate_and_record_ is the same reactivation writing (reactivated, donor) into
+// row `slot` of the caller's event logs [R, N] instead of returning fresh tensors: the
+// Reactivator's per-step hook, which then allocates nothing and creates no Python object
+// when no filter is inactive (the usual case after the first steps).
 
 #include <ATen/ATen.h>
+#include <ATen/CPUGeneratorImpl.h>
 #include <ATen/EmptyTensor.h>
+#include <ATen/core/DistributionsHelper.h>
 #include <torch/library.h>
 
+#include <c10/util/SmallVector.h>
+
 #include <cstdint>
+#include <mutex>
 #include <optional>
 #include <tuple>
 #include <utility>
@@ -31,42 +43,59 @@ namespace {
 
 using Outputs = std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor>;
 
-Outputs reactivate_and_reset_cpu(const at::Tensor& weight, const at::Tensor& used,
-                                 const at::Tensor& total, at::TensorList state,
-                                 std::optional<at::Generator> generator, double threshold,
-                                 c10::string_view method) {
-  TORCH_CHECK(weight.dim() >= 1, "craft_ext::reactivate_and_reset_: weight needs a filter dim 0");
+void check_used_total(const at::Tensor& weight, const at::Tensor& used, const at::Tensor& total,
+                      const char* op) {
+  TORCH_CHECK(weight.dim() >= 1, op, ": weight needs a filter dim 0");
   TORCH_CHECK(total.scalar_type() == at::kLong && total.numel() == 1 && total.device() == weight.device(),
-              "craft_ext::reactivate_and_reset_: total must be an int64 scalar on ", weight.device(),
-              ", got ", total.scalar_type(), " of shape ", total.sizes(), " on ", total.device());
+              op, ": total must be an int64 scalar on ", weight.device(), ", got ",
+              total.scalar_type(), " of shape ", total.sizes(), " on ", total.device());
   const int64_t n = weight.size(0);
   TORCH_CHECK(used.scalar_type() == at::kBool && used.dim() == 1 && used.size(0) == n &&
                   used.device() == weight.device(),
-              "craft_ext::reactivate_and_reset_: used must be a bool tensor of shape (", n,
-              ",) on ", weight.device(), ", got ", used.scalar_type(), " of shape ", used.sizes(),
-              " on ", used.device());
-  const auto f32 = weight.options().dtype(at::kFloat);
-  // rand(2, N) is rand(N) twice: the CPU generator fills a tensor element by element, in order
-  // (tests/test_reactivate_and_reset.py checks the values and the generator state afterwards)
-  // (at::rand is exactly empty + uniform_(0, 1, generator); empty_cpu skips one dispatch)
-  at::Tensor keys = at::detail::empty_cpu({2, n}, at::kFloat);
-  keys.uniform_(0.0, 1.0, generator);
-  const float* key_p = keys.const_data_ptr<float>();
+              op, ": used must be a bool tensor of shape (", n, ",) on ", weight.device(),
+              ", got ", used.scalar_type(), " of shape ", used.sizes(), " on ", used.device());
+}
+
+// torch.rand(2, n, generator=generator) into keys[0 .. 2n): the CPU uniform_ kernel's own draw
+// (ATen's uniform_real_distribution<float> on the generator, under its mutex, element by element,
+// a value rounded up to 1 mapped to 0), without creating a tensor. Bit-identical values and
+// generator state are checked against torch.rand in tests/test_reactivate_and_reset.py.
+void draw_keys(const std::optional<at::Generator>& generator, float* keys, int64_t count) {
+  auto* gen = at::get_generator_or_default<at::CPUGeneratorImpl>(
+      generator, at::detail::getDefaultCPUGenerator());
+  std::lock_guard<std::mutex> lock(gen->mutex_);
+  at::uniform_real_distribution<float> uniform(0.0f, 1.0f);
+  for (int64_t i = 0; i < count; ++i) {
+    const float v = static_cast<float>(uniform(gen));
+    keys[i] = v == 1.0f ? 0.0f : v;
+  }
+}
+
+// The draws, reactivate_ and the state reset; outputs to host arrays of N (inactive may be
+// null). Returns the count.
+int64_t reactivate_reset_into(const at::Tensor& weight, const at::Tensor& used,
+                              const at::Tensor& total, at::TensorList state,
+                              const std::optional<at::Generator>& generator, double threshold,
+                              c10::string_view method, bool* inactive, bool* reactivated,
+                              int64_t* donor) {
+  const int64_t n = weight.size(0);
+  // rand(2, N) is rand(N) twice (order_key, then fallback_u)
+  c10::SmallVector<float, 256> keys(2 * n);
+  draw_keys(generator, keys.data(), 2 * n);
   std::optional<at::Tensor> noise;
-  if (method != "craft") noise = at::randn(weight.sizes(), generator, f32);
-
+  if (method != "craft") {
+    noise = at::randn(weight.sizes(), generator, weight.options().dtype(at::kFloat));
+  }
   const auto key_source = [&]() -> std::pair<const float*, const float*> {
-    return {key_p, key_p + n};
+    return {keys.data(), keys.data() + n};
   };
-  Outputs out = reactivate_cpu_keys(weight, used, key_source, noise, threshold, method);
-
-  const int64_t count = *std::get<3>(out).const_data_ptr<int64_t>();  // host memory, no sync
+  const int64_t count = reactivate_cpu_into(weight, used, key_source, noise, threshold, method,
+                                            inactive, reactivated, donor);
   if (count > 0) {
     // The rows to clear as an index list (index_fill_ touches only those rows; a broadcast
     // masked_fill_ walks the whole tensor, ~16 ms for an r50 [512, 512, 3, 3] buffer on CPU).
     at::Tensor rows = at::detail::empty_cpu({count}, at::kLong);
     int64_t* row = rows.mutable_data_ptr<int64_t>();
-    const bool* reactivated = std::get<1>(out).const_data_ptr<bool>();
     for (int64_t i = 0; i < n; ++i) {
       if (reactivated[i]) *row++ = i;
     }
@@ -79,13 +108,58 @@ Outputs reactivate_and_reset_cpu(const at::Tensor& weight, const at::Tensor& use
     }
     const_cast<at::Tensor&>(total).add_(count);
   }
-  return out;
+  return count;
+}
+
+Outputs reactivate_and_reset_cpu(const at::Tensor& weight, const at::Tensor& used,
+                                 const at::Tensor& total, at::TensorList state,
+                                 std::optional<at::Generator> generator, double threshold,
+                                 c10::string_view method) {
+  check_used_total(weight, used, total, "craft_ext::reactivate_and_reset_");
+  const int64_t n = weight.size(0);
+  at::Tensor inactive_t = at::detail::empty_cpu({n}, at::kBool);
+  at::Tensor reactivated_t = at::detail::empty_cpu({n}, at::kBool);
+  at::Tensor donor_t = at::detail::empty_cpu({n}, at::kLong);
+  at::Tensor count_t = at::detail::empty_cpu({}, at::kLong);
+  *count_t.mutable_data_ptr<int64_t>() = reactivate_reset_into(
+      weight, used, total, state, generator, threshold, method,
+      inactive_t.mutable_data_ptr<bool>(), reactivated_t.mutable_data_ptr<bool>(),
+      donor_t.mutable_data_ptr<int64_t>());
+  return {inactive_t, reactivated_t, donor_t, count_t};
+}
+
+void reactivate_and_record_cpu(const at::Tensor& weight, const at::Tensor& used,
+                               const at::Tensor& total, at::TensorList state,
+                               const at::Tensor& reactivated_log, const at::Tensor& donor_log,
+                               int64_t slot, std::optional<at::Generator> generator,
+                               double threshold, c10::string_view method) {
+  constexpr const char* op = "craft_ext::reactivate_and_record_";
+  check_used_total(weight, used, total, op);
+  const int64_t n = weight.size(0);
+  TORCH_CHECK(reactivated_log.scalar_type() == at::kBool && reactivated_log.dim() == 2 &&
+                  reactivated_log.size(1) == n && reactivated_log.is_contiguous() &&
+                  reactivated_log.device() == weight.device(),
+              op, ": reactivated_log must be a contiguous bool [R, ", n, "] tensor on ",
+              weight.device(), ", got ", reactivated_log.scalar_type(), " of shape ",
+              reactivated_log.sizes());
+  TORCH_CHECK(donor_log.scalar_type() == at::kLong && donor_log.dim() == 2 &&
+                  donor_log.size(0) == reactivated_log.size(0) && donor_log.size(1) == n &&
+                  donor_log.is_contiguous() && donor_log.device() == weight.device(),
+              op, ": donor_log must be a contiguous int64 tensor shaped like reactivated_log (",
+              reactivated_log.sizes(), "), got ", donor_log.scalar_type(), " of shape ",
+              donor_log.sizes());
+  TORCH_CHECK(slot >= 0 && slot < reactivated_log.size(0), op, ": slot must be in [0, ",
+              reactivated_log.size(0), "), got ", slot);
+  reactivate_reset_into(weight, used, total, state, generator, threshold, method, nullptr,
+                        reactivated_log.mutable_data_ptr<bool>() + slot * n,
+                        donor_log.mutable_data_ptr<int64_t>() + slot * n);
 }
 
 }  // namespace
 
 TORCH_LIBRARY_IMPL(craft_ext, CPU, m) {
   m.impl("reactivate_and_reset_", &reactivate_and_reset_cpu);
+  m.impl("reactivate_and_record_", &reactivate_and_record_cpu);
 }
 
 }  // namespace craft_ext
