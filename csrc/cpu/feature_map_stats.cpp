@@ -6,19 +6,60 @@
 // With x_bi the n = H*W values of map i of sample b: one parallel pass over the (b, i) rows
 // gives sum (double accumulator), min and max and writes the centred maps d_bi = x_bi - mean_bi
 // to a scratch [B, C, n]; at::bmm gives the Gram matrices G_b = D_b D_b^T (no nested
-// parallelism); a second parallel pass gives corr[b, i, k] = G_bik / sqrt(G_bii G_bkk). Constant maps (min == max) get correlation 0 with
-// every other map; the diagonal is exactly 1.
+// parallelism); a second parallel pass gives corr[b, i, k] = G_bik / sqrt(G_bii G_bkk).
+// Constant maps (min == max) get correlation 0 with every other map; the diagonal is exactly 1.
 
 #include <ATen/Parallel.h>
 
 #include <algorithm>
 #include <cmath>
 #include <limits>
+#include <vector>
 
 #include "common.h"
 
 namespace craft_ext {
 namespace {
+
+struct RowSummary {
+  double sum;
+  float lo;
+  float hi;
+};
+
+// Sum (float64), min and max of x[0 .. n). kLanes independent accumulators, so the compiler
+// vectorises the loop (one serial float64 accumulator is a chain of dependent adds, ~4 cycles
+// per element, and made this pass slower than ATen's sum + amin + amax); `v < lo ? v : lo` is
+// exactly x86's minps, so no fast-math is needed. A map with NaN gets a NaN sum either way.
+RowSummary summarise_row(const float* x, int64_t n) {
+  constexpr int64_t kLanes = 16;
+  double acc[kLanes] = {};
+  float lo[kLanes];
+  float hi[kLanes];
+  for (int64_t l = 0; l < kLanes; ++l) lo[l] = hi[l] = x[0];
+  int64_t p = 0;
+  for (; p + kLanes <= n; p += kLanes) {
+    for (int64_t l = 0; l < kLanes; ++l) {
+      const float v = x[p + l];
+      acc[l] += static_cast<double>(v);
+      lo[l] = v < lo[l] ? v : lo[l];
+      hi[l] = v > hi[l] ? v : hi[l];
+    }
+  }
+  for (int64_t l = 0; p < n; ++p, ++l) {
+    const float v = x[p];
+    acc[l] += static_cast<double>(v);
+    lo[l] = v < lo[l] ? v : lo[l];
+    hi[l] = v > hi[l] ? v : hi[l];
+  }
+  RowSummary out{0.0, lo[0], hi[0]};
+  for (int64_t l = 0; l < kLanes; ++l) {
+    out.sum += acc[l];
+    out.lo = lo[l] < out.lo ? lo[l] : out.lo;
+    out.hi = hi[l] > out.hi ? hi[l] : out.hi;
+  }
+  return out;
+}
 
 std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> feature_map_stats_cpu(
     const at::Tensor& fmap, double sum_threshold, double corr_threshold, bool return_corr) {
@@ -58,18 +99,11 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> feature_map_stats_cpu
   at::parallel_for(0, rows, grain, [&](int64_t r0, int64_t r1) {
     for (int64_t r = r0; r < r1; ++r) {
       const float* xi = xp + r * n;
-      double acc = 0.0;
-      float lo = xi[0];
-      float hi = xi[0];
-      for (int64_t p = 0; p < n; ++p) {
-        acc += xi[p];
-        lo = std::min(lo, xi[p]);
-        hi = std::max(hi, xi[p]);
-      }
-      const float total = static_cast<float>(acc);
+      const RowSummary row = summarise_row(xi, n);
+      const float total = static_cast<float>(row.sum);
       sp[r] = total;
       ep[r] = std::abs(total) <= s_thr;
-      kp[r] = lo == hi;
+      kp[r] = row.lo == row.hi;
       const float mean = total / static_cast<float>(n);
       float* di = dp + r * n;
       for (int64_t p = 0; p < n; ++p) di[p] = xi[p] - mean;
@@ -80,15 +114,22 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> feature_map_stats_cpu
   const at::Tensor gram = at::bmm(centred, centred.transpose(1, 2)).contiguous();
   const float* gp = gram.data_ptr<float>();
 
+  // 1 / sqrt(G_bii) per map (0 for a map without variance), once rather than per pair.
+  std::vector<float> inv(static_cast<size_t>(rows));
+  for (int64_t r = 0; r < rows; ++r) {
+    const float ss = gp[(r / chans) * chans * chans + (r % chans) * (chans + 1)];
+    inv[r] = ss > 0.0f ? 1.0f / std::sqrt(ss) : 0.0f;
+  }
+
   // Pass 2 over (sample, map) rows: correlations and redundancy.
   at::parallel_for(0, rows, std::max<int64_t>(1, 8192 / chans), [&](int64_t r0, int64_t r1) {
     for (int64_t r = r0; r < r1; ++r) {
       const int64_t b = r / chans;
       const int64_t i = r % chans;
-      const float* g = gp + b * chans * chans;
+      const float* g = gp + b * chans * chans + i * chans;
       const bool* kb = kp + b * chans;
-      const float ss_i = g[i * chans + i];
-      const float inv_i = ss_i > 0.0f ? 1.0f / std::sqrt(ss_i) : 0.0f;
+      const float* inv_b = inv.data() + b * chans;
+      const float inv_i = inv[r];
       bool red = false;
       for (int64_t k = 0; k < chans; ++k) {
         float c;
@@ -97,9 +138,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> feature_map_stats_cpu
         } else if (kb[i] || kb[k]) {
           c = 0.0f;
         } else {
-          const float ss_k = g[k * chans + k];
-          const float inv_k = ss_k > 0.0f ? 1.0f / std::sqrt(ss_k) : 0.0f;
-          c = std::min(1.0f, std::max(-1.0f, g[i * chans + k] * inv_i * inv_k));
+          c = std::min(1.0f, std::max(-1.0f, g[k] * inv_i * inv_b[k]));
         }
         if (k < i && c >= c_thr) red = true;
         if (cp != nullptr) cp[r * chans + k] = c;
