@@ -19,6 +19,7 @@ from craft_ext.data import (
     RecordIODataset,
     RecordIOReader,
     RecordIOWriter,
+    Resize,
     SyntheticFaceDataset,
     encode_image,
     eval_transform,
@@ -26,6 +27,7 @@ from craft_ext.data import (
     normalize,
     pack_record,
     read_identity_list,
+    resize_center_crop,
     train_transform,
     unpack_record,
     write_recordio,
@@ -371,3 +373,39 @@ def test_loader_distributed_partition() -> None:
         loader = make_loader(ds, batch_size=2, seed=5, num_replicas=2, rank=rank)
         seen += [i for i, _ in loader.sampler]
     assert sorted(seen) == list(range(20))
+
+
+# --------------------------------------------------------------------------- Resize
+
+
+def test_resize_is_the_verification_resampling() -> None:
+    arr = _image(3, size=24)[:, :20]  # 24 x 20: covered, then centre-cropped
+    out = Resize(16)(torch.from_numpy(arr).permute(2, 0, 1).contiguous())
+    assert out.dtype == torch.uint8 and out.shape == (3, 16, 16)
+    assert torch.equal(out.permute(1, 2, 0), torch.from_numpy(resize_center_crop(arr, 16)))
+    same = torch.from_numpy(_image(4, size=16)).permute(2, 0, 1)
+    assert Resize((16, 16))(same) is same
+    with pytest.raises(ValueError, match="size must be a positive int"):
+        Resize(0)
+    with pytest.raises(ValueError, match=r"expects a \[3, H, W\] uint8 image"):
+        Resize(16)(torch.zeros(3, 8, 8))
+
+
+def test_training_sets_from_disk_are_resized_like_verification(tmp_path: Path) -> None:
+    from craft_ext.data import load_image
+    from craft_ext.train import parse_config
+    from craft_ext.train.trainer import build_train_set
+
+    samples = _samples()
+    (tmp_path / "rec").mkdir()
+    write_recordio(tmp_path / "rec" / "train", samples, fmt="png")
+    for i, (arr, c) in enumerate(samples):
+        (tmp_path / "folder" / f"id{c}").mkdir(parents=True, exist_ok=True)
+        (tmp_path / "folder" / f"id{c}" / f"{i}.png").write_bytes(encode_image(arr, fmt="png"))
+    for root in ("rec", "folder"):
+        cfg = parse_config(["--data", str(tmp_path / root), "--image-size", "16"])
+        ds, classes = build_train_set(cfg)
+        assert classes == 3 and all(ds[j][0].shape == (3, 16, 16) for j in range(len(ds)))
+    path = ds.samples[0][0]  # the folder set: its first item is that file, resized
+    want = torch.from_numpy(resize_center_crop(load_image(path), 16))
+    assert torch.equal(ds[0][0].permute(1, 2, 0), want)

@@ -11,10 +11,13 @@ from collections.abc import Callable, Sequence
 
 import torch
 
+from .image import resize_center_crop, to_chw_tensor
+
 __all__ = [
     "Compose",
     "Normalize",
     "RandomHorizontalFlip",
+    "Resize",
     "eval_transform",
     "normalize",
     "train_transform",
@@ -34,6 +37,31 @@ class Normalize:
 
     def __repr__(self) -> str:
         return "Normalize(mean=0.5, std=0.5)"
+
+
+class Resize:
+    """Resize a ``[3, H, W]`` uint8 image to cover ``size`` and centre-crop it to exactly that
+    (:func:`craft_ext.data.resize_center_crop`, PIL bilinear): the resampling the verification
+    sets use, so training and evaluation see images prepared the same way. An image already of
+    that size is returned as it is."""
+
+    def __init__(self, size: int | tuple[int, int]) -> None:
+        hw = (size, size) if isinstance(size, int) else tuple(size)
+        if len(hw) != 2 or any(isinstance(v, bool) or not isinstance(v, int) or v < 1 for v in hw):
+            raise ValueError(f"size must be a positive int or (H, W) pair of them, got {size!r}")
+        self.size: tuple[int, int] = (int(hw[0]), int(hw[1]))
+
+    def __call__(self, image: torch.Tensor) -> torch.Tensor:
+        if image.dim() != 3 or image.shape[0] != 3 or image.dtype != torch.uint8:
+            raise ValueError(
+                f"Resize expects a [3, H, W] uint8 image, got {image.dtype} {tuple(image.shape)}"
+            )
+        if tuple(image.shape[1:]) == self.size:
+            return image
+        return to_chw_tensor(resize_center_crop(image.permute(1, 2, 0).numpy(), self.size))
+
+    def __repr__(self) -> str:
+        return f"Resize(size={self.size})"
 
 
 class RandomHorizontalFlip:

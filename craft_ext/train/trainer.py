@@ -28,7 +28,7 @@ from torch import Tensor, nn
 from torch.utils.data import DataLoader, Dataset, Sampler
 
 import craft_ext
-from craft_ext.checkpoint import CHECKPOINT_FORMAT, atomic_save, load_checkpoint
+from craft_ext.checkpoint import CHECKPOINT_FORMAT, atomic_copy, atomic_save, load_checkpoint
 from craft_ext.train.config import TrainConfig
 from craft_ext.train.logging import RunLogger
 from craft_ext.train.toy import ToyFaces, toy_pairs
@@ -114,12 +114,15 @@ def build_train_set(cfg: TrainConfig) -> tuple[Dataset, int]:
         )
         return ds, classes
     path = Path(spec)
+    # resized in the loader workers as the verification sets are (PIL bilinear + centre crop)
+    resize = cdata.Resize(cfg.image_size)
     if (path / "train.rec").is_file():
-        ds = cdata.RecordIODataset(path)
+        ds = cdata.RecordIODataset(path, transform=resize)
         return ds, ds.num_classes
     if path.is_dir():
         ds = cdata.ImageFolderDataset(
             path,
+            transform=resize,
             identities=cfg.identities,
             min_images=cfg.min_images,
             on_error=cfg.on_error,
@@ -316,9 +319,13 @@ class Trainer:
             out[name] = int((stats.max_abs <= self.cfg.threshold).sum())
         return out
 
-    def _record_filter_stats(self, when: str) -> None:
+    def _record_filter_stats(self, when: str) -> dict[str, int]:
+        """Log every watched layer's filter statistics; returns its inactive counts (as
+        :meth:`inactive_counts`, from the same statistics)."""
+        counts = {}
         for name, w in self._watched_weights().items():
             s = craft_ext.filter_stats(w.detach())
+            counts[name] = int((s.max_abs <= self.cfg.threshold).sum())
             self.logger.log_filter_stats(
                 {
                     "epoch": self.epoch,
@@ -328,6 +335,7 @@ class Trainer:
                     **{k: v.cpu().tolist() for k, v in s._asdict().items()},
                 }
             )
+        return counts
 
     def _drain_events(self) -> int:
         count = 0
@@ -354,7 +362,7 @@ class Trainer:
         x = images.to(self.device, non_blocking=True)
         x = x.float().div_(127.5).sub_(1.0) if x.dtype == torch.uint8 else x.float()
         size = self.cfg.image_size
-        if x.shape[-2:] != (size, size):  # e.g. 112x112 faces trained at a reduced CPU size
+        if x.shape[-2:] != (size, size):  # only a data set not built by build_train_set
             x = torch.nn.functional.interpolate(
                 x, size=(size, size), mode="bilinear", antialias=True, align_corners=False
             )
@@ -468,8 +476,8 @@ class Trainer:
         path = atomic_save(state, self.out / name)
         if name == "checkpoint_last.pt":
             self.last_good_checkpoint = path
-        if also_best:
-            atomic_save(state, self.out / "checkpoint_best.pt")
+        if also_best:  # the same bytes: copied, not serialised a second time
+            atomic_copy(path, self.out / "checkpoint_best.pt")
         return path
 
     def _load(self, where: str) -> None:
@@ -613,13 +621,11 @@ class Trainer:
             # demo only: filters die over a long run (weight decay outweighs their gradient);
             # a few-minute demo simulates that state at the first epoch end
             self._plant_inactive(self.cfg.plant_inactive)
-        self._record_filter_stats("before")
-        before = self.inactive_counts()
+        before = self._record_filter_stats("before")
         if self.watched and self.cfg.reactivate_every is None:
             self.optimizer.reactivate()
         reactivated = self._drain_events()
-        self._record_filter_stats("after")
-        after = self.inactive_counts()
+        after = self._record_filter_stats("after")
         metrics = self.evaluate()
         entry = {
             "kind": "epoch",
