@@ -10,7 +10,9 @@ optimizer state (an SGD momentum buffer here) and count them. ``naive`` is that 
 the public API: ``craft_ext.reactivate_`` (the fastest backend) followed by
 ``momentum.masked_fill_(reactivated[:, None, None, None], 0)`` and ``total += count``; ``cpp``
 is the fused CPU operator ``craft_ext::reactivate_and_reset_`` (one call, same random draws and
-results); ``reference`` is ``craft_ext.reference.reactivate_and_reset_``. Two states: ``steady``
+results); ``cpp-record`` is ``craft_ext::reactivate_and_record_``, the same call writing its
+event into a log row instead of returning tensors (what the Reactivator's step hook runs);
+``reference`` is ``craft_ext.reference.reactivate_and_reset_``. Two states: ``steady``
 (no filter inactive: what a step with ``interval=1`` almost always sees) and ``planted`` (a
 quarter of the filters inactive, restored untimed before every call). There is no CUDA
 kernel of this operator (on CUDA the Reactivator runs the composition), so CUDA cases skip.
@@ -25,7 +27,7 @@ import craft_ext
 from craft_ext import reference
 
 SHAPES = {"iresnet-conv1-64x3x3x3": (64, 3, 3, 3), "r50-conv-512x512x3x3": (512, 512, 3, 3)}
-IMPLS = ["naive", "cpp", "reference"]
+IMPLS = ["naive", "cpp", "cpp-record", "reference"]
 THRESHOLD = 1e-3
 
 
@@ -43,7 +45,7 @@ def _weight(shape: tuple[int, ...], state: str, device: str) -> torch.Tensor:
 @pytest.mark.parametrize("shape_id", list(SHAPES))
 def test_reactivate_and_reset(benchmark, tools, bench_device, shape_id, state, impl):
     device = bench_device
-    tools.require(device, "reactivate_and_reset_", impl)
+    tools.require(device, "reactivate_and_reset_", impl.removesuffix("-record"))
     w0 = _weight(SHAPES[shape_id], state, device)
     n = w0.shape[0]
     w, momentum = w0.clone(), torch.randn_like(w0)
@@ -51,6 +53,11 @@ def test_reactivate_and_reset(benchmark, tools, bench_device, shape_id, state, i
     total = torch.zeros((), dtype=torch.int64, device=device)
     gen = torch.Generator(device=device).manual_seed(0)
     fused = getattr(torch.ops.craft_ext, "reactivate_and_reset_", None)
+    record = getattr(torch.ops.craft_ext, "reactivate_and_record_", None)
+    logs = (
+        torch.zeros(256, n, dtype=torch.bool, device=device),
+        torch.full((256, n), -1, dtype=torch.int64, device=device),
+    )
 
     def restore() -> None:
         w.copy_(w0)
@@ -67,6 +74,8 @@ def test_reactivate_and_reset(benchmark, tools, bench_device, shape_id, state, i
         with torch.no_grad():
             if impl == "cpp":
                 fused.default(w, used, total, [momentum], gen, THRESHOLD, "craft")
+            elif impl == "cpp-record":
+                record.default(w, used, total, [momentum], *logs, 0, gen, THRESHOLD, "craft")
             else:
                 reference.reactivate_and_reset_(w, used, total, [momentum], gen, THRESHOLD, "craft")
         tools.synchronize(device)
