@@ -463,6 +463,23 @@ def _recording_cpu() -> bool:
     return has_kernel("reactivate_and_record_", "CPU")
 
 
+def _cpu_record_op() -> Callable[..., None] | None:
+    """The eager C++ ``reactivate_and_record_`` when a CPU weight would use the ``cpp`` backend
+    right now (no ``use_backend`` / ``$CRAFT_EXT_BACKEND`` choosing another, not tracing),
+    else None. :class:`craft_ext.Reactivator` asks once per step and then calls it directly
+    for its CPU weights (same call as :func:`_reactivate_and_record_checked`, without its
+    Python frames, which cost several us per step with cold caches)."""
+    requested = _BACKEND_OVERRIDE.get() or _ENV_BACKEND or "auto"
+    if (
+        requested == "triton"  # resolved with $TRITON_INTERPRET by the general path
+        or torch.compiler.is_compiling()
+        or not _recording_cpu()
+        or _resolve_cached("cpu", "reactivate_", requested, False) != "cpp"
+    ):
+        return None
+    return torch.ops.craft_ext.reactivate_and_record_.default._op
+
+
 # --------------------------------------------------------------------------------------------
 # feature_map_stats
 # --------------------------------------------------------------------------------------------

@@ -46,6 +46,7 @@ from .ops import (
     _check_total,
     _check_used,
     _check_weight,
+    _cpu_record_op,
     _reactivate_and_record_checked,
     _reactivate_and_reset_checked,
 )
@@ -373,9 +374,12 @@ class Reactivator:
         """:meth:`reactivate` as the step hook runs it: the op writes each event straight into
         the weight's open log and returns nothing (on CPU: one C++ call per weight that, with
         no inactive filter, allocates nothing)."""
-        # The hot path with interval=1: the weights were validated at construction, so this
-        # goes straight to the backend (the backends check that used / total still match a
-        # weight that may have been moved since).
+        # The hot path with interval=1, written flat (no helper frames: with cold caches each
+        # Python frame here costs about a us per step). The weights were validated at
+        # construction, so this goes straight to the backend (the kernels check that used /
+        # total / the logs still match a weight that may have been moved since).
+        fast = _cpu_record_op()
+        state = self.optimizer.state if self.optimizer is not None else {}
         grad = torch.is_grad_enabled()
         torch._C._set_grad_enabled(False)  # torch.no_grad() without its Python overhead
         try:
@@ -386,20 +390,32 @@ class Reactivator:
                 log = self._logs[i]
                 if log is None:
                     log = self._logs[i] = _Log(w)
-                _reactivate_and_record_checked(
+                bufs = []  # as _state_tensors
+                st = state.get(w)
+                if st:
+                    for v in st.values():
+                        if isinstance(v, Tensor):
+                            bufs.append(v)
+                args = (
                     w,
                     self._used[i],
                     self._total[i],
-                    self._state_tensors(w),
+                    bufs,
                     log.reactivated,
                     log.donor,
                     len(log.seq),
                     self._weight_gens[i],
-                    self.method,
-                    self.threshold,
-                    None,
                 )
-                self._close_slot(i, log)
+                if fast is not None and w.is_cpu:
+                    fast(*args, self.threshold, self.method)
+                else:
+                    _reactivate_and_record_checked(*args, self.method, self.threshold, None)
+                # as _close_slot
+                self._seq += 1
+                log.seq.append(self._seq)
+                log.steps.append(self.steps)
+                if len(log.seq) == _LOG_ROWS:
+                    self._close_log(i)
         finally:
             torch._C._set_grad_enabled(grad)
         self.calls += 1
@@ -447,9 +463,12 @@ class Reactivator:
         log.seq.append(self._seq)
         log.steps.append(self.steps)
         if len(log.seq) == _LOG_ROWS:
-            self._pending.append(log.pending(self.names[i], self.method))
-            self._logs[i] = None
-            self._bound_pending()
+            self._close_log(i)
+
+    def _close_log(self, i: int) -> None:
+        self._pending.append(self._logs[i].pending(self.names[i], self.method))  # type: ignore[union-attr]
+        self._logs[i] = None
+        self._bound_pending()
 
     def _bound_pending(self) -> None:
         """Drop the oldest full logs past :data:`_MAX_PENDING_BYTES` (host-side sizes,

@@ -400,3 +400,17 @@ def test_record_bumps_every_written_argument():
     before = [t._version for t in tensors]
     record(w, used, total, state, rlog, dlog, 0, None, THR, "craft")
     assert all(t._version > v for t, v in zip(tensors, before, strict=True))
+
+
+def test_step_hook_fast_path_only_when_cpp_is_the_backend():
+    """The Reactivator's step hook calls the C++ record op directly only when the cpp backend
+    would be picked for a CPU weight; any other choice goes through the general path."""
+    from craft_ext.ops import _cpu_record_op
+
+    _recording()
+    assert _cpu_record_op() is not None
+    with craft_ext.use_backend("cpp"):
+        assert _cpu_record_op() is not None
+    for other in ("reference", "triton"):
+        with craft_ext.use_backend(other):
+            assert _cpu_record_op() is None, other
