@@ -377,15 +377,6 @@ def _reactivate_checked(
     return Reactivation(*impl(weight, used, order_key, fallback_u, noise, threshold, method))
 
 
-def _step_backend(weight: Tensor, backend: str | None) -> str:
-    """The backend of ``reactivate_`` for ``weight``: :func:`_resolve_fast` inlined, as this
-    runs after every optimizer step with ``interval=1``."""
-    requested = backend or _BACKEND_OVERRIDE.get() or _ENV_BACKEND or "auto"
-    device_type = "cpu" if weight.is_cpu else weight.device.type
-    interpret = requested == "triton" and os.environ.get("TRITON_INTERPRET", "") == "1"
-    return _resolve_cached(device_type, "reactivate_", requested, interpret)
-
-
 def _reactivate_and_reset_checked(
     weight: Tensor,
     used: Tensor,
@@ -400,7 +391,7 @@ def _reactivate_and_reset_checked(
     (callers validate and disable grad; ``state`` holds tensors only). On CPU with the compiled
     extension it is one C++ call (``craft_ext::reactivate_and_reset_``, same draws, same
     results): :meth:`craft_ext.Reactivator.reactivate`."""
-    name = _step_backend(weight, backend)
+    name = _resolve_fast(weight.device, "reactivate_", backend)
     if name == "cpp" and _fused_cpu():
         op = torch.ops.craft_ext.reactivate_and_reset_.default
         # eager calls skip OpOverload.__call__'s Python frame (a few us per step when cold);
@@ -444,9 +435,10 @@ def _reactivate_and_record_checked(
 ) -> None:
     """:func:`craft_ext.reference.reactivate_and_record_` with the backend's ``reactivate_``
     (callers validate, disable grad and own the logs): :class:`craft_ext.Reactivator`'s
-    per-step hook. On CPU with the compiled extension it is one C++ call that, when no filter
-    is inactive, allocates nothing and returns nothing to Python."""
-    name = _step_backend(weight, backend)
+    per-step hook (see :func:`_cpu_record_op` for its direct CPU call). On CPU with the
+    compiled extension it is one C++ call returning nothing to Python; elsewhere the logs are
+    checked here, before anything is drawn or written."""
+    name = _resolve_fast(weight.device, "reactivate_", backend)
     args = (weight, used, total, state, reactivated_log, donor_log, slot, generator, threshold)
     if name == "cpp" and _recording_cpu():
         op = torch.ops.craft_ext.reactivate_and_record_.default
@@ -455,7 +447,41 @@ def _reactivate_and_record_checked(
     _check_used(used, weight)
     _check_total(total, weight)
     _check_generator(generator, weight.device)
+    _check_logs(reactivated_log, donor_log, slot, weight)
     reference.reactivate_and_record_(*args, method, reactivate=_impl("reactivate_", name))
+
+
+def _check_logs(reactivated_log: Tensor, donor_log: Tensor, slot: int, weight: Tensor) -> None:
+    """The C++ kernel's checks of reactivate_and_record_'s logs (host metadata only)."""
+    n = weight.shape[0]
+    if not (
+        isinstance(reactivated_log, Tensor)
+        and reactivated_log.dtype == torch.bool
+        and reactivated_log.dim() == 2
+        and reactivated_log.shape[1] == n
+        and reactivated_log.is_contiguous()
+        and reactivated_log.device == weight.device
+    ):
+        raise ValueError(
+            f"reactivated_log must be a contiguous bool [R, {n}] tensor on {weight.device}, got "
+            f"{getattr(reactivated_log, 'dtype', type(reactivated_log).__name__)} of shape "
+            f"{tuple(getattr(reactivated_log, 'shape', ()))}"
+        )
+    if not (
+        isinstance(donor_log, Tensor)
+        and donor_log.dtype == torch.int64
+        and donor_log.shape == reactivated_log.shape
+        and donor_log.is_contiguous()
+        and donor_log.device == weight.device
+    ):
+        raise ValueError(
+            "donor_log must be a contiguous int64 tensor shaped like reactivated_log "
+            f"{tuple(reactivated_log.shape)}, got "
+            f"{getattr(donor_log, 'dtype', type(donor_log).__name__)} of shape "
+            f"{tuple(getattr(donor_log, 'shape', ()))}"
+        )
+    if isinstance(slot, bool) or not isinstance(slot, int) or not 0 <= slot < len(reactivated_log):
+        raise ValueError(f"slot must be in [0, {len(reactivated_log)}), got {slot!r}")
 
 
 @functools.cache

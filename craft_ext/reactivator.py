@@ -319,6 +319,8 @@ class Reactivator:
                     "the optimizer; pass the tensors the optimizer updates"
                 )
             if self._given_names[i] is None and known[id(w)]:
+                if self._logs[i] is not None and self._logs[i].seq:  # type: ignore[union-attr]
+                    self._close_log(i)  # events recorded so far keep the name they had
                 self.names[i] = str(known[id(w)])
         self.optimizer = optimizer
         self.interval = interval
@@ -372,8 +374,7 @@ class Reactivator:
 
     def _reactivate_recorded(self) -> None:
         """:meth:`reactivate` as the step hook runs it: the op writes each event straight into
-        the weight's open log and returns nothing (on CPU: one C++ call per weight that, with
-        no inactive filter, allocates nothing)."""
+        the weight's open log and returns nothing (on CPU: one C++ call per weight)."""
         # The hot path with interval=1, written flat (no helper frames: with cold caches each
         # Python frame here costs about a us per step). The weights were validated at
         # construction, so this goes straight to the backend (the kernels check that used /

@@ -16,7 +16,7 @@ are used and no normalised copy is made. Three launches:
    float32 accuracy), so large map means do not cancel; positions are split across programs
    into partial Gram matrices when B * tiles alone would leave the GPU idle.
 3. ``_corr_epilogue_kernel``: sums the partials (fixed order: deterministic), correlations
-   (constant maps: 0 off the diagonal, diagonal 1, clamped to [-1, 1]), optionally written
+   (constant maps: 0 off the diagonal, diagonal 1, clamped to [-1, 1], NaN kept), optionally written
    out, and the redundancy flags.
 
 Semantics: ``craft_ext.reference.feature_map_stats``.
@@ -68,6 +68,7 @@ def _map_stats_kernel(
     total = tl.zeros((BLOCK_C,), dtype=tl.float32)
     lo = tl.full((BLOCK_C,), float("inf"), dtype=tl.float32)
     hi = tl.full((BLOCK_C,), float("-inf"), dtype=tl.float32)
+    has_nan = tl.zeros((BLOCK_C,), dtype=tl.int32)
     for p0 in range(0, n, BLOCK_P):
         ps = p0 + ps0
         mask = c_ok[:, None] & (ps < n)[None, :]
@@ -76,11 +77,14 @@ def _map_stats_kernel(
         total += tl.sum(x, axis=1)
         lo = tl.minimum(lo, tl.min(tl.where(mask, x, float("inf")), axis=1))
         hi = tl.maximum(hi, tl.max(tl.where(mask, x, float("-inf")), axis=1))
+        # min / max need not propagate NaN (GPU min.f32 does not): a map holding NaN is never
+        # constant, as with the reference's amin / amax
+        has_nan = tl.maximum(has_nan, tl.max((mask & (x != x)).to(tl.int32), axis=1))
     out = b * chans + cs
     tl.store(sum_ptr + out, total, mask=c_ok)
     tl.store(mean_ptr + out, total / (n * 1.0), mask=c_ok)
     tl.store(empty_ptr + out, (tl.abs(total) <= sum_threshold).to(tl.uint8), mask=c_ok)
-    tl.store(const_ptr + out, (lo == hi).to(tl.uint8), mask=c_ok)
+    tl.store(const_ptr + out, ((lo == hi) & (has_nan == 0)).to(tl.uint8), mask=c_ok)
 
 
 @triton.jit
@@ -182,7 +186,7 @@ def _corr_epilogue_kernel(
         inv_k = tl.where(g_kk > 0, 1.0 / tl.sqrt(tl.maximum(g_kk, 1e-37)), 0.0)
         const_k = tl.load(const_ptr + b * chans + kk, mask=k_ok, other=0) != 0
         r = g * inv_i[:, None] * inv_k[None, :]
-        r = tl.minimum(tl.maximum(r, -1.0), 1.0)
+        r = tl.where(r != r, r, tl.minimum(tl.maximum(r, -1.0), 1.0))  # the clamp keeps NaN
         r = tl.where(const_i[:, None] | const_k[None, :], 0.0, r)
         r = tl.where(ii[:, None] == kk[None, :], 1.0, r)
         hit = mask & (kk[None, :] < ii[:, None]) & (r >= corr_threshold)

@@ -113,6 +113,25 @@ def test_constant_maps(device, backend):
 
 
 @pytest.mark.parametrize("device,backend", backend_params())
+def test_nan_maps_match_the_reference(device, backend):
+    """A map holding NaN (not at its first element, and a constant map with one NaN) is not
+    constant and gets NaN correlations with every other map, as in the reference (amin / amax
+    and clamp propagate NaN); the other maps' statistics are unaffected."""
+    require_backend(device, backend, "feature_map_stats")
+    x = _maps((2, 6, 5, 5), device=device, seed=7)
+    x[0, 1, 2, 3] = float("nan")
+    x[1, 4] = 1.5
+    x[1, 4, 4, 4] = float("nan")
+    got = craft_ext.feature_map_stats(x, return_corr=True, backend=backend)
+    want = reference.feature_map_stats(x, 0.0, 0.95, True)
+    for name, g, w in zip(("sum", "corr", "empty", "redundant"), got, want, strict=True):
+        torch.testing.assert_close(
+            g.cpu(), w.cpu(), rtol=1e-5, atol=CORR_TOL, equal_nan=True, msg=name
+        )
+    assert got.corr[0, 1].isnan().sum() == 5 and got.corr[1, 4].isnan().sum() == 5
+
+
+@pytest.mark.parametrize("device,backend", backend_params())
 def test_thresholds_and_no_corr(device, backend):
     require_backend(device, backend, "feature_map_stats")
     x = _with_structure(_maps((2, 8, 5, 5), device=device, seed=5))

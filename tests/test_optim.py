@@ -282,6 +282,20 @@ def test_saved_pending_events_do_not_change_with_later_steps():
     )
 
 
+def test_events_before_attach_keep_their_names():
+    """Attaching renames watched weights after the optimizer's parameter names; events
+    recorded before keep the name they had."""
+    model = make_model()
+    r = craft_ext.Reactivator(model[0].weight, seed=0)
+    plant(model[0].weight, [2])
+    r.reactivate()
+    opt = torch.optim.SGD(model.named_parameters(), lr=0.01)
+    r.attach(opt, interval=1)
+    train(model, opt, 0, 4, kill=True)
+    names = [e.name for e in r.drain_events()]
+    assert names[0] == "target0" and len(names) >= 2 and set(names[1:]) == {"0.weight"}
+
+
 def test_names_from_pairs_and_optimizer():
     model = make_model()
     opt = torch.optim.SGD(model.named_parameters(), lr=0.1)

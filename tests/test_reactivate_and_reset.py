@@ -414,3 +414,51 @@ def test_step_hook_fast_path_only_when_cpp_is_the_backend():
     for other in ("reference", "triton"):
         with craft_ext.use_backend(other):
             assert _cpu_record_op() is None, other
+
+
+@pytest.mark.parametrize(
+    "weight,method,match",
+    [
+        (lambda: planted((6, 3, 3, 3), [1]), "bogus", "method must be one of"),
+        (lambda: torch.zeros(6, 4, dtype=torch.int32), "craft", "weight must be floating point"),
+        (lambda: torch.zeros(6, 0), "craft", "filters must hold at least one element"),
+    ],
+)
+def test_record_rejects_before_drawing_or_writing(weight, method, match):
+    """A rejected call leaves the generator, the weight and the logs as they were."""
+    record = _recording()
+    w = weight()
+    n = w.shape[0]
+    used, total = torch.zeros(n, dtype=torch.bool), torch.zeros((), dtype=torch.int64)
+    rlog, dlog = _logs(n)
+    gen = torch.Generator().manual_seed(0)
+    before = [t.clone() for t in (w, rlog, dlog, gen.get_state())]
+    with pytest.raises(RuntimeError, match=match):
+        record(w, used, total, [], rlog, dlog, 0, gen, THR, method)
+    for x, y in zip((w, rlog, dlog, gen.get_state()), before, strict=True):
+        assert torch.equal(x, y)
+
+
+@pytest.mark.parametrize(
+    "rlog,dlog,slot,match",
+    [
+        (torch.zeros(2, 6, dtype=torch.bool), torch.zeros(2, 6, dtype=torch.int64), 2, "slot must"),
+        (torch.zeros(2, 6, dtype=torch.uint8), torch.zeros(2, 6, dtype=torch.int64), 0, "bool"),
+        (torch.zeros(2, 6, dtype=torch.bool), torch.zeros(2, 6), 0, "donor_log must"),
+    ],
+)
+def test_general_record_path_checks_logs_first(rlog, dlog, slot, match):
+    """The composition path (CUDA, reference, Triton) checks the logs as the C++ kernel does,
+    before anything is drawn or written."""
+    from craft_ext.ops import _reactivate_and_record_checked
+
+    w = planted((6, 3, 3, 3), [1, 2])
+    used, total = torch.zeros(6, dtype=torch.bool), torch.zeros((), dtype=torch.int64)
+    gen = torch.Generator().manual_seed(0)
+    before = [t.clone() for t in (w, used, total, rlog, dlog, gen.get_state())]
+    with pytest.raises(ValueError, match=match):
+        _reactivate_and_record_checked(
+            w, used, total, [], rlog, dlog, slot, gen, "craft", THR, "reference"
+        )
+    for x, y in zip((w, used, total, rlog, dlog, gen.get_state()), before, strict=True):
+        assert torch.equal(x, y)

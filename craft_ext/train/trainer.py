@@ -315,9 +315,11 @@ class Trainer:
         """Inactive filters per watched layer (reads back to the host: logging only)."""
         out = {}
         for name, w in self._watched_weights().items():
-            stats = craft_ext.filter_stats(w.detach())
-            out[name] = int((stats.max_abs <= self.cfg.threshold).sum())
+            out[name] = self._inactive(craft_ext.filter_stats(w.detach()))
         return out
+
+    def _inactive(self, stats: craft_ext.FilterStats) -> int:
+        return int((stats.max_abs <= self.cfg.threshold).sum())
 
     def _record_filter_stats(self, when: str) -> dict[str, int]:
         """Log every watched layer's filter statistics; returns its inactive counts (as
@@ -325,7 +327,7 @@ class Trainer:
         counts = {}
         for name, w in self._watched_weights().items():
             s = craft_ext.filter_stats(w.detach())
-            counts[name] = int((s.max_abs <= self.cfg.threshold).sum())
+            counts[name] = self._inactive(s)
             self.logger.log_filter_stats(
                 {
                     "epoch": self.epoch,

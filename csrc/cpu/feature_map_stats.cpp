@@ -27,10 +27,10 @@ struct RowSummary {
   float hi;
 };
 
-// Sum (float64), min and max of x[0 .. n). kLanes independent accumulators, so the compiler
-// vectorises the loop (one serial float64 accumulator is a chain of dependent adds, ~4 cycles
-// per element, and made this pass slower than ATen's sum + amin + amax); `v < lo ? v : lo` is
-// exactly x86's minps, so no fast-math is needed. A map with NaN gets a NaN sum either way.
+// Sum (float64), min and max of x[0 .. n), NaN propagating like torch's amin / amax (so a map
+// holding NaN is never constant, as in the reference). kLanes independent accumulators, so the
+// compiler vectorises the loop (one serial float64 accumulator is a chain of dependent adds,
+// ~4 cycles per element, and made this pass slower than ATen's sum + amin + amax).
 RowSummary summarise_row(const float* x, int64_t n) {
   constexpr int64_t kLanes = 16;
   double acc[kLanes] = {};
@@ -42,21 +42,21 @@ RowSummary summarise_row(const float* x, int64_t n) {
     for (int64_t l = 0; l < kLanes; ++l) {
       const float v = x[p + l];
       acc[l] += static_cast<double>(v);
-      lo[l] = v < lo[l] ? v : lo[l];
-      hi[l] = v > hi[l] ? v : hi[l];
+      lo[l] = (v < lo[l] || v != v) ? v : lo[l];
+      hi[l] = (v > hi[l] || v != v) ? v : hi[l];
     }
   }
   for (int64_t l = 0; p < n; ++p, ++l) {
     const float v = x[p];
     acc[l] += static_cast<double>(v);
-    lo[l] = v < lo[l] ? v : lo[l];
-    hi[l] = v > hi[l] ? v : hi[l];
+    lo[l] = (v < lo[l] || v != v) ? v : lo[l];
+    hi[l] = (v > hi[l] || v != v) ? v : hi[l];
   }
   RowSummary out{0.0, lo[0], hi[0]};
   for (int64_t l = 0; l < kLanes; ++l) {
     out.sum += acc[l];
-    out.lo = lo[l] < out.lo ? lo[l] : out.lo;
-    out.hi = hi[l] > out.hi ? hi[l] : out.hi;
+    out.lo = (lo[l] < out.lo || lo[l] != lo[l]) ? lo[l] : out.lo;
+    out.hi = (hi[l] > out.hi || hi[l] != hi[l]) ? hi[l] : out.hi;
   }
   return out;
 }
@@ -138,7 +138,8 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> feature_map_stats_cpu
         } else if (kb[i] || kb[k]) {
           c = 0.0f;
         } else {
-          c = std::min(1.0f, std::max(-1.0f, g[k] * inv_i * inv_b[k]));
+          c = g[k] * inv_i * inv_b[k];
+          if (!std::isnan(c)) c = std::min(1.0f, std::max(-1.0f, c));  // clamp keeps NaN
         }
         if (k < i && c >= c_thr) red = true;
         if (cp != nullptr) cp[r * chans + k] = c;

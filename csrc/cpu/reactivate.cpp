@@ -206,17 +206,10 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> reactivate_cpu_keys(
     const at::Tensor& weight, const at::Tensor& used, KeySource keys,
     const std::optional<at::Tensor>& noise, double threshold, c10::string_view method_name) {
   TORCH_CHECK(weight.dim() >= 1, "craft_ext::reactivate_: weight must have a filter dim 0");
-  const int64_t n = weight.size(0);
-  // Allocated with at::detail::empty_cpu (no dispatcher round trip) and filled through raw
-  // pointers by reactivate_cpu_into.
-  at::Tensor inactive_t = at::detail::empty_cpu({n}, at::kBool);
-  at::Tensor reactivated_t = at::detail::empty_cpu({n}, at::kBool);
-  at::Tensor donor_t = at::detail::empty_cpu({n}, at::kLong);
-  at::Tensor count_t = at::detail::empty_cpu({}, at::kLong);
-  *count_t.mutable_data_ptr<int64_t>() = reactivate_cpu_into(
-      weight, used, keys, noise, threshold, method_name, inactive_t.mutable_data_ptr<bool>(),
-      reactivated_t.mutable_data_ptr<bool>(), donor_t.mutable_data_ptr<int64_t>());
-  return {inactive_t, reactivated_t, donor_t, count_t};
+  return make_outputs(weight.size(0), [&](bool* inactive, bool* reactivated, int64_t* donor) {
+    return reactivate_cpu_into(weight, used, keys, noise, threshold, method_name, inactive,
+                               reactivated, donor);
+  });
 }
 
 int64_t reactivate_cpu_into(const at::Tensor& weight, const at::Tensor& used, KeySource keys,

@@ -3,6 +3,7 @@
 #pragma once
 
 #include <ATen/ATen.h>
+#include <ATen/EmptyTensor.h>
 #include <c10/util/FunctionRef.h>
 
 #include <optional>
@@ -25,6 +26,21 @@ using KeySource = c10::function_ref<std::pair<const float*, const float*>()>;
 std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> reactivate_cpu_keys(
     const at::Tensor& weight, const at::Tensor& used, KeySource keys,
     const std::optional<at::Tensor>& noise, double threshold, c10::string_view method_name);
+
+// Fresh (inactive bool [n], reactivated bool [n], donor int64 [n], count int64 []) outputs,
+// filled by fill(inactive, reactivated, donor) -> count (host pointers). Allocated with
+// at::detail::empty_cpu: no dispatcher round trip.
+template <typename Fill>
+std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> make_outputs(int64_t n, Fill&& fill) {
+  at::Tensor inactive = at::detail::empty_cpu({n}, at::kBool);
+  at::Tensor reactivated = at::detail::empty_cpu({n}, at::kBool);
+  at::Tensor donor = at::detail::empty_cpu({n}, at::kLong);
+  at::Tensor count = at::detail::empty_cpu({}, at::kLong);
+  *count.mutable_data_ptr<int64_t>() =
+      fill(inactive.mutable_data_ptr<bool>(), reactivated.mutable_data_ptr<bool>(),
+           donor.mutable_data_ptr<int64_t>());
+  return {inactive, reactivated, donor, count};
+}
 
 // The same kernel writing its outputs to host arrays of N elements (inactive may be null);
 // returns the count. Allocates nothing when no filter is inactive.

@@ -19,8 +19,8 @@
 //
 // craft_ext::reactivate_and_record_ is the same reactivation writing (reactivated, donor) into
 // row `slot` of the caller's event logs [R, N] instead of returning fresh tensors: the
-// Reactivator's per-step hook, which then allocates nothing and creates no Python object
-// when no filter is inactive (the usual case after the first steps).
+// Reactivator's per-step hook, which then creates no Python object and, for craft on up to 512
+// filters with no filter inactive (the usual case after the first steps), allocates nothing.
 
 #include <ATen/ATen.h>
 #include <ATen/CPUGeneratorImpl.h>
@@ -36,6 +36,7 @@
 #include <tuple>
 #include <utility>
 
+#include "common.h"
 #include "reactivate.h"
 
 namespace craft_ext {
@@ -43,13 +44,20 @@ namespace {
 
 using Outputs = std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor>;
 
-void check_used_total(const at::Tensor& weight, const at::Tensor& used, const at::Tensor& total,
-                      const char* op) {
+// Every argument check that does not need the draws, before anything is drawn or written
+// (a rejected call leaves the generator, the weight and the logs as they were).
+void check_arguments(const at::Tensor& weight, const at::Tensor& used, const at::Tensor& total,
+                     c10::string_view method, const char* op) {
   TORCH_CHECK(weight.dim() >= 1, op, ": weight needs a filter dim 0");
+  TORCH_CHECK(at::isFloatingType(weight.scalar_type()), op,
+              ": weight must be floating point, got ", weight.scalar_type());
+  const int64_t n = weight.size(0);
+  TORCH_CHECK(n == 0 || weight.numel() > 0, op, ": filters must hold at least one element, got ",
+              "weight of shape ", weight.sizes());
+  parse_method(method);
   TORCH_CHECK(total.scalar_type() == at::kLong && total.numel() == 1 && total.device() == weight.device(),
               op, ": total must be an int64 scalar on ", weight.device(), ", got ",
               total.scalar_type(), " of shape ", total.sizes(), " on ", total.device());
-  const int64_t n = weight.size(0);
   TORCH_CHECK(used.scalar_type() == at::kBool && used.dim() == 1 && used.size(0) == n &&
                   used.device() == weight.device(),
               op, ": used must be a bool tensor of shape (", n, ",) on ", weight.device(),
@@ -58,8 +66,9 @@ void check_used_total(const at::Tensor& weight, const at::Tensor& used, const at
 
 // torch.rand(2, n, generator=generator) into keys[0 .. 2n): the CPU uniform_ kernel's own draw
 // (ATen's uniform_real_distribution<float> on the generator, under its mutex, element by element,
-// a value rounded up to 1 mapped to 0), without creating a tensor. Bit-identical values and
-// generator state are checked against torch.rand in tests/test_reactivate_and_reset.py.
+// a value rounded up to 1 mapped to 0), without creating a tensor. tests/test_reactivate_and_reset.py
+// checks the generator state after it against torch.rand(2, N), and the values through the
+// CRAFT pairings they order (against the reference, which draws with torch.rand).
 void draw_keys(const std::optional<at::Generator>& generator, float* keys, int64_t count) {
   auto* gen = at::get_generator_or_default<at::CPUGeneratorImpl>(
       generator, at::detail::getDefaultCPUGenerator());
@@ -79,8 +88,8 @@ int64_t reactivate_reset_into(const at::Tensor& weight, const at::Tensor& used,
                               c10::string_view method, bool* inactive, bool* reactivated,
                               int64_t* donor) {
   const int64_t n = weight.size(0);
-  // rand(2, N) is rand(N) twice (order_key, then fallback_u)
-  c10::SmallVector<float, 256> keys(2 * n);
+  // rand(2, N) is rand(N) twice (order_key, then fallback_u); on the stack up to N = 512
+  c10::SmallVector<float, 1024> keys(2 * n);
   draw_keys(generator, keys.data(), 2 * n);
   std::optional<at::Tensor> noise;
   if (method != "craft") {
@@ -115,17 +124,11 @@ Outputs reactivate_and_reset_cpu(const at::Tensor& weight, const at::Tensor& use
                                  const at::Tensor& total, at::TensorList state,
                                  std::optional<at::Generator> generator, double threshold,
                                  c10::string_view method) {
-  check_used_total(weight, used, total, "craft_ext::reactivate_and_reset_");
-  const int64_t n = weight.size(0);
-  at::Tensor inactive_t = at::detail::empty_cpu({n}, at::kBool);
-  at::Tensor reactivated_t = at::detail::empty_cpu({n}, at::kBool);
-  at::Tensor donor_t = at::detail::empty_cpu({n}, at::kLong);
-  at::Tensor count_t = at::detail::empty_cpu({}, at::kLong);
-  *count_t.mutable_data_ptr<int64_t>() = reactivate_reset_into(
-      weight, used, total, state, generator, threshold, method,
-      inactive_t.mutable_data_ptr<bool>(), reactivated_t.mutable_data_ptr<bool>(),
-      donor_t.mutable_data_ptr<int64_t>());
-  return {inactive_t, reactivated_t, donor_t, count_t};
+  check_arguments(weight, used, total, method, "craft_ext::reactivate_and_reset_");
+  return make_outputs(weight.size(0), [&](bool* inactive, bool* reactivated, int64_t* donor) {
+    return reactivate_reset_into(weight, used, total, state, generator, threshold, method,
+                                 inactive, reactivated, donor);
+  });
 }
 
 void reactivate_and_record_cpu(const at::Tensor& weight, const at::Tensor& used,
@@ -134,7 +137,7 @@ void reactivate_and_record_cpu(const at::Tensor& weight, const at::Tensor& used,
                                int64_t slot, std::optional<at::Generator> generator,
                                double threshold, c10::string_view method) {
   constexpr const char* op = "craft_ext::reactivate_and_record_";
-  check_used_total(weight, used, total, op);
+  check_arguments(weight, used, total, method, op);
   const int64_t n = weight.size(0);
   TORCH_CHECK(reactivated_log.scalar_type() == at::kBool && reactivated_log.dim() == 2 &&
                   reactivated_log.size(1) == n && reactivated_log.is_contiguous() &&
