@@ -42,21 +42,32 @@ RowSummary summarise_row(const float* x, int64_t n) {
     for (int64_t l = 0; l < kLanes; ++l) {
       const float v = x[p + l];
       acc[l] += static_cast<double>(v);
-      lo[l] = (v < lo[l] || v != v) ? v : lo[l];
-      hi[l] = (v > hi[l] || v != v) ? v : hi[l];
+      lo[l] = v < lo[l] ? v : lo[l];
+      hi[l] = v > hi[l] ? v : hi[l];
     }
   }
   for (int64_t l = 0; p < n; ++p, ++l) {
     const float v = x[p];
     acc[l] += static_cast<double>(v);
-    lo[l] = (v < lo[l] || v != v) ? v : lo[l];
-    hi[l] = (v > hi[l] || v != v) ? v : hi[l];
+    lo[l] = v < lo[l] ? v : lo[l];
+    hi[l] = v > hi[l] ? v : hi[l];
   }
   RowSummary out{0.0, lo[0], hi[0]};
   for (int64_t l = 0; l < kLanes; ++l) {
     out.sum += acc[l];
-    out.lo = (lo[l] < out.lo || lo[l] != lo[l]) ? lo[l] : out.lo;
-    out.hi = (hi[l] > out.hi || hi[l] != hi[l]) ? hi[l] : out.hi;
+    out.lo = lo[l] < out.lo ? lo[l] : out.lo;
+    out.hi = hi[l] > out.hi ? hi[l] : out.hi;
+  }
+  // NaN: the lanes' min / max skip it (`v < lo ? v : lo` is exactly x86's minps, which keeps
+  // the loop vectorised; a NaN test in it does not). A NaN element makes the sum NaN, so only
+  // then look for one, and report min = max = NaN as torch's amin / amax would.
+  if (std::isnan(out.sum)) {
+    for (int64_t q = 0; q < n; ++q) {
+      if (std::isnan(x[q])) {
+        out.lo = out.hi = x[q];
+        break;
+      }
+    }
   }
   return out;
 }
