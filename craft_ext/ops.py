@@ -436,8 +436,10 @@ def _reactivate_and_record_checked(
     """:func:`craft_ext.reference.reactivate_and_record_` with the backend's ``reactivate_``
     (callers validate, disable grad and own the logs): :class:`craft_ext.Reactivator`'s
     per-step hook (see :func:`_cpu_record_op` for its direct CPU call). On CPU with the
-    compiled extension it is one C++ call returning nothing to Python; elsewhere the logs are
-    checked here, before anything is drawn or written."""
+    compiled extension it is one C++ call returning nothing to Python; elsewhere ``used``,
+    ``total``, the generator and the logs are checked here, before anything is drawn or
+    written (the weight and method are the caller's to validate, as the Reactivator does at
+    construction)."""
     name = _resolve_fast(weight.device, "reactivate_", backend)
     args = (weight, used, total, state, reactivated_log, donor_log, slot, generator, threshold)
     if name == "cpp" and _recording_cpu():
@@ -453,6 +455,13 @@ def _reactivate_and_record_checked(
 
 def _check_logs(reactivated_log: Tensor, donor_log: Tensor, slot: int, weight: Tensor) -> None:
     """The C++ kernel's checks of reactivate_and_record_'s logs (host metadata only)."""
+
+    def what(t: object) -> str:
+        if not isinstance(t, Tensor):
+            return type(t).__name__
+        layout = "" if t.is_contiguous() else " (not contiguous)"
+        return f"{t.dtype} of shape {tuple(t.shape)} on {t.device}{layout}"
+
     n = weight.shape[0]
     if not (
         isinstance(reactivated_log, Tensor)
@@ -463,9 +472,8 @@ def _check_logs(reactivated_log: Tensor, donor_log: Tensor, slot: int, weight: T
         and reactivated_log.device == weight.device
     ):
         raise ValueError(
-            f"reactivated_log must be a contiguous bool [R, {n}] tensor on {weight.device}, got "
-            f"{getattr(reactivated_log, 'dtype', type(reactivated_log).__name__)} of shape "
-            f"{tuple(getattr(reactivated_log, 'shape', ()))}"
+            f"reactivated_log must be a contiguous bool [R, {n}] tensor on {weight.device}, "
+            f"got {what(reactivated_log)}"
         )
     if not (
         isinstance(donor_log, Tensor)
@@ -476,12 +484,10 @@ def _check_logs(reactivated_log: Tensor, donor_log: Tensor, slot: int, weight: T
     ):
         raise ValueError(
             "donor_log must be a contiguous int64 tensor shaped like reactivated_log "
-            f"{tuple(reactivated_log.shape)}, got "
-            f"{getattr(donor_log, 'dtype', type(donor_log).__name__)} of shape "
-            f"{tuple(getattr(donor_log, 'shape', ()))}"
+            f"{tuple(reactivated_log.shape)} on {weight.device}, got {what(donor_log)}"
         )
     if isinstance(slot, bool) or not isinstance(slot, int) or not 0 <= slot < len(reactivated_log):
-        raise ValueError(f"slot must be in [0, {len(reactivated_log)}), got {slot!r}")
+        raise ValueError(f"slot must be an int in [0, {len(reactivated_log)}), got {slot!r}")
 
 
 @functools.cache

@@ -318,10 +318,14 @@ class Reactivator:
                     f"targets: {self.names[i]!r} (shape {tuple(w.shape)}) is not a parameter of "
                     "the optimizer; pass the tensors the optimizer updates"
                 )
-            if self._given_names[i] is None and known[id(w)]:
-                if self._logs[i] is not None and self._logs[i].seq:  # type: ignore[union-attr]
-                    self._close_log(i)  # events recorded so far keep the name they had
-                self.names[i] = str(known[id(w)])
+            new_name = str(known[id(w)]) if known[id(w)] else None
+            if self._given_names[i] is None and new_name and new_name != self.names[i]:
+                log = self._logs[i]
+                if log is not None and log.seq:  # events so far keep the name they had
+                    self._pending.append(log.pending(self.names[i], self.method, copy=True))
+                    self._logs[i] = None
+                    self._bound_pending()
+                self.names[i] = new_name
         self.optimizer = optimizer
         self.interval = interval
         self._handles = [

@@ -420,7 +420,8 @@ def test_step_hook_fast_path_only_when_cpp_is_the_backend():
     "weight,method,match",
     [
         (lambda: planted((6, 3, 3, 3), [1]), "bogus", "method must be one of"),
-        (lambda: torch.zeros(6, 4, dtype=torch.int32), "craft", "weight must be floating point"),
+        (lambda: torch.zeros(6, 4, dtype=torch.int32), "craft", "weight must be float32"),
+        (lambda: torch.zeros(6, 4).to(torch.float8_e4m3fn), "craft", "weight must be float32"),
         (lambda: torch.zeros(6, 0), "craft", "filters must hold at least one element"),
     ],
 )

@@ -49,8 +49,10 @@ using Outputs = std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor>;
 void check_arguments(const at::Tensor& weight, const at::Tensor& used, const at::Tensor& total,
                      c10::string_view method, const char* op) {
   TORCH_CHECK(weight.dim() >= 1, op, ": weight needs a filter dim 0");
-  TORCH_CHECK(at::isFloatingType(weight.scalar_type()), op,
-              ": weight must be floating point, got ", weight.scalar_type());
+  const auto dtype = weight.scalar_type();
+  TORCH_CHECK(dtype == at::kFloat || dtype == at::kDouble || dtype == at::kHalf ||
+                  dtype == at::kBFloat16,
+              op, ": weight must be float32, float64, float16 or bfloat16, got ", dtype);
   const int64_t n = weight.size(0);
   TORCH_CHECK(n == 0 || weight.numel() > 0, op, ": filters must hold at least one element, got ",
               "weight of shape ", weight.sizes());
@@ -144,13 +146,15 @@ void reactivate_and_record_cpu(const at::Tensor& weight, const at::Tensor& used,
                   reactivated_log.device() == weight.device(),
               op, ": reactivated_log must be a contiguous bool [R, ", n, "] tensor on ",
               weight.device(), ", got ", reactivated_log.scalar_type(), " of shape ",
-              reactivated_log.sizes());
+              reactivated_log.sizes(), " on ", reactivated_log.device(),
+              reactivated_log.is_contiguous() ? "" : " (not contiguous)");
   TORCH_CHECK(donor_log.scalar_type() == at::kLong && donor_log.dim() == 2 &&
                   donor_log.size(0) == reactivated_log.size(0) && donor_log.size(1) == n &&
                   donor_log.is_contiguous() && donor_log.device() == weight.device(),
               op, ": donor_log must be a contiguous int64 tensor shaped like reactivated_log (",
-              reactivated_log.sizes(), "), got ", donor_log.scalar_type(), " of shape ",
-              donor_log.sizes());
+              reactivated_log.sizes(), ") on ", weight.device(), ", got ",
+              donor_log.scalar_type(), " of shape ", donor_log.sizes(), " on ", donor_log.device(),
+              donor_log.is_contiguous() ? "" : " (not contiguous)");
   TORCH_CHECK(slot >= 0 && slot < reactivated_log.size(0), op, ": slot must be in [0, ",
               reactivated_log.size(0), "), got ", slot);
   reactivate_reset_into(weight, used, total, state, generator, threshold, method, nullptr,
