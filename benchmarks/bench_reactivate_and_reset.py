@@ -10,7 +10,7 @@ optimizer state (an SGD momentum buffer here) and count them. ``naive`` is that 
 the public API: ``craft_ext.reactivate_`` (the fastest backend) followed by
 ``momentum.masked_fill_(reactivated[:, None, None, None], 0)`` and ``total += count``; ``cpp``
 is the fused CPU operator ``craft_ext::reactivate_and_reset_`` (one call, same random draws and
-results); ``cpp-record`` is ``craft_ext::reactivate_and_record_``, the same call writing its
+results); ``cpp-record`` is ``craft_ext::reactivate_and_reset_.record``, the same call writing its
 event into a log row instead of returning tensors (what the Reactivator's step hook runs);
 ``reference`` is ``craft_ext.reference.reactivate_and_reset_``. Two states: ``steady``
 (no filter inactive: what a step with ``interval=1`` almost always sees) and ``planted`` (a
@@ -46,16 +46,15 @@ def _weight(shape: tuple[int, ...], state: str, device: str) -> torch.Tensor:
 def test_reactivate_and_reset(benchmark, tools, bench_device, shape_id, state, impl):
     device = bench_device
     tools.require(device, "reactivate_and_reset_", impl.removesuffix("-record"))
-    if impl == "cpp-record" and not hasattr(torch.ops.craft_ext, "reactivate_and_record_"):
-        pytest.skip("the compiled extension predates reactivate_and_record_ (rebuild it)")
+    fused = getattr(torch.ops.craft_ext, "reactivate_and_reset_", None)
+    if impl == "cpp-record" and "record" not in fused.overloads():
+        pytest.skip("the compiled extension predates reactivate_and_reset_.record (rebuild it)")
     w0 = _weight(SHAPES[shape_id], state, device)
     n = w0.shape[0]
     w, momentum = w0.clone(), torch.randn_like(w0)
     used = torch.zeros(n, dtype=torch.bool, device=device)
     total = torch.zeros((), dtype=torch.int64, device=device)
     gen = torch.Generator(device=device).manual_seed(0)
-    fused = getattr(torch.ops.craft_ext, "reactivate_and_reset_", None)
-    record = getattr(torch.ops.craft_ext, "reactivate_and_record_", None)
     logs = (
         torch.zeros(256, n, dtype=torch.bool, device=device),
         torch.full((256, n), -1, dtype=torch.int64, device=device),
@@ -77,7 +76,7 @@ def test_reactivate_and_reset(benchmark, tools, bench_device, shape_id, state, i
             if impl == "cpp":
                 fused.default(w, used, total, [momentum], gen, THRESHOLD, "craft")
             elif impl == "cpp-record":
-                record.default(w, used, total, [momentum], *logs, 0, gen, THRESHOLD, "craft")
+                fused.record(w, used, total, [momentum], *logs, 0, gen, THRESHOLD, "craft")
             else:
                 reference.reactivate_and_reset_(w, used, total, [momentum], gen, THRESHOLD, "craft")
         tools.synchronize(device)

@@ -443,7 +443,7 @@ def _reactivate_and_record_checked(
     name = _resolve_fast(weight.device, "reactivate_", backend)
     args = (weight, used, total, state, reactivated_log, donor_log, slot, generator, threshold)
     if name == "cpp" and _recording_cpu():
-        op = torch.ops.craft_ext.reactivate_and_record_.default
+        op = torch.ops.craft_ext.reactivate_and_reset_.record
         (op if torch.compiler.is_compiling() else op._op)(*args, method)  # checked in C++
         return
     _check_used(used, weight)
@@ -454,7 +454,7 @@ def _reactivate_and_record_checked(
 
 
 def _check_logs(reactivated_log: Tensor, donor_log: Tensor, slot: int, weight: Tensor) -> None:
-    """The C++ kernel's checks of reactivate_and_record_'s logs (host metadata only)."""
+    """The C++ kernel's checks of reactivate_and_reset_.record's logs (host metadata only)."""
 
     def what(t: object) -> str:
         if not isinstance(t, Tensor):
@@ -492,15 +492,15 @@ def _check_logs(reactivated_log: Tensor, donor_log: Tensor, slot: int, weight: T
 
 @functools.cache
 def _recording_cpu() -> bool:
-    return has_kernel("reactivate_and_record_", "CPU")
+    return has_kernel("reactivate_and_reset_.record", "CPU")
 
 
 def _cpu_record_op() -> Callable[..., None] | None:
-    """The eager C++ ``reactivate_and_record_`` when a CPU weight would use the ``cpp`` backend
-    right now (no ``use_backend`` / ``$CRAFT_EXT_BACKEND`` choosing another, not tracing),
-    else None. :class:`craft_ext.Reactivator` asks once per step and then calls it directly
-    for its CPU weights (same call as :func:`_reactivate_and_record_checked`, without its
-    Python frames, which cost several us per step with cold caches)."""
+    """The eager C++ ``reactivate_and_reset_.record`` when a CPU weight would use the ``cpp``
+    backend right now (no ``use_backend`` / ``$CRAFT_EXT_BACKEND`` choosing another, not
+    tracing), else None. :class:`craft_ext.Reactivator` asks once per step and then calls it
+    directly for its CPU weights (same call as :func:`_reactivate_and_record_checked`, without
+    its Python frames, which cost several us per step with cold caches)."""
     requested = _BACKEND_OVERRIDE.get() or _ENV_BACKEND or "auto"
     if (
         requested == "triton"  # resolved with $TRITON_INTERPRET by the general path
@@ -509,7 +509,7 @@ def _cpu_record_op() -> Callable[..., None] | None:
         or _resolve_cached("cpu", "reactivate_", requested, False) != "cpp"
     ):
         return None
-    return torch.ops.craft_ext.reactivate_and_record_.default._op
+    return torch.ops.craft_ext.reactivate_and_reset_.record._op
 
 
 # --------------------------------------------------------------------------------------------
@@ -641,13 +641,13 @@ def _fake_reactivate_and_reset(weight: Tensor, *_: object) -> tuple[Tensor, Tens
 
 
 def _fake_reactivate_and_record(*_: object) -> None:
-    """reactivate_and_record_ returns nothing (it writes its arguments)."""
+    """reactivate_and_reset_.record returns nothing (it writes its arguments)."""
     return None
 
 
 _FAKES: dict[str, Callable[..., object]] = {
     "feature_map_stats": _fake_feature_map_stats,
-    "reactivate_and_record_": _fake_reactivate_and_record,
+    "reactivate_and_reset_.record": _fake_reactivate_and_record,
     "filter_stats": _fake_filter_stats,
     "reactivate_": _fake_reactivate,
     "reactivate_and_reset_": _fake_reactivate_and_reset,

@@ -239,8 +239,9 @@ def reactivate_and_record_(
     *,
     reactivate: Callable[..., tuple[Tensor, ...]] | None = None,
 ) -> None:
-    """:func:`reactivate_and_reset_`, keeping its ``reactivated`` and ``donor`` as row ``slot``
-    of the event logs instead of returning them::
+    """Reference of the overload ``craft_ext::reactivate_and_reset_.record``:
+    :func:`reactivate_and_reset_`, keeping its ``reactivated`` and ``donor`` as row ``slot`` of
+    the event logs instead of returning them::
 
         _, reactivated, donor, _ = reactivate_and_reset_(weight, used, total, state, ...)
         reactivated_log[slot] = reactivated     (bool  [R, N])

@@ -50,11 +50,11 @@ TORCH_LIBRARY(craft_ext, m) {
       "reactivate_and_reset_(Tensor(a!) weight, Tensor(b!) used, Tensor(c!) total, "
       "Tensor(d!)[] state, Generator? generator, float threshold, str method) "
       "-> (Tensor, Tensor, Tensor, Tensor)");
-  // reactivate_and_reset_ writing reactivated and donor into row `slot` of reactivated_log
-  // (bool [R, N]) and donor_log (int64 [R, N]) instead of returning them: the per-step hook of
-  // craft_ext.Reactivator, which keeps its pending events in such logs.
+  // Overload .record: reactivate_and_reset_ writing reactivated and donor into row `slot` of
+  // reactivated_log (bool [R, N]) and donor_log (int64 [R, N]) instead of returning them: the
+  // per-step hook of craft_ext.Reactivator, which keeps its pending events in such logs.
   m.def(
-      "reactivate_and_record_(Tensor(a!) weight, Tensor(b!) used, Tensor(c!) total, "
+      "reactivate_and_reset_.record(Tensor(a!) weight, Tensor(b!) used, Tensor(c!) total, "
       "Tensor(d!)[] state, Tensor(e!) reactivated_log, Tensor(f!) donor_log, int slot, "
       "Generator? generator, float threshold, str method) -> ()");
   // Feature-map statistics of fmap [B, C, H, W] (Diba & Khosravi, IASC 2023): per-map sums
@@ -104,6 +104,6 @@ TORCH_LIBRARY_IMPL(craft_ext, ADInplaceOrView, m) {
   m.impl("reactivate_", torch::CppFunction::makeFromBoxedFunction<&bump_mutated_inputs>());
   m.impl("reactivate_and_reset_",
          torch::CppFunction::makeFromBoxedFunction<&bump_mutated_inputs>());
-  m.impl("reactivate_and_record_",
+  m.impl("reactivate_and_reset_.record",
          torch::CppFunction::makeFromBoxedFunction<&bump_mutated_inputs>());
 }

@@ -420,7 +420,7 @@ def test_reactivation_body_compiles_fullgraph():
 
 
 def test_recording_body_compiles_fullgraph():
-    """The step hook's op (reactivate_and_record_) traces without a graph break."""
+    """The step hook's op (reactivate_and_reset_.record) traces without a graph break."""
     from craft_ext.ops import _reactivate_and_record_checked
 
     w = torch.randn(N_FILTERS, 3, 3, 3, generator=torch.Generator().manual_seed(0))

@@ -245,15 +245,15 @@ def test_every_written_argument_gets_a_new_version():
 
 
 # ---------------------------------------------------------------------------------------------
-# reactivate_and_record_: the same reactivation, its event written into row `slot` of two logs
+# reactivate_and_reset_.record: the same reactivation, its event written into row `slot` of two logs
 # ---------------------------------------------------------------------------------------------
 
 
 def _recording():
     _fused()
-    if not hasattr(torch.ops.craft_ext, "reactivate_and_record_"):
-        pytest.skip("the compiled extension predates reactivate_and_record_ (rebuild it)")
-    return torch.ops.craft_ext.reactivate_and_record_.default
+    if "record" not in torch.ops.craft_ext.reactivate_and_reset_.overloads():
+        pytest.skip("the compiled extension predates reactivate_and_reset_.record (rebuild it)")
+    return torch.ops.craft_ext.reactivate_and_reset_.record
 
 
 def _logs(n, rows=5):

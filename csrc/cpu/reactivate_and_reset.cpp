@@ -1,5 +1,6 @@
-// CPU kernel of craft_ext::reactivate_and_reset_ (schema in csrc/ops.cpp, semantics in
-// craft_ext/reference.py::reactivate_and_reset_), and of craft_ext::reactivate_and_record_.
+// CPU kernels of craft_ext::reactivate_and_reset_ and its overload .record (schemas in
+// csrc/ops.cpp, semantics in craft_ext/reference.py::reactivate_and_reset_ and
+// reactivate_and_record_).
 //
 // One reactivation of one watched weight as craft_ext.Reactivator runs it after an optimizer
 // step (CRAFT, Bhatta et al., arXiv 2312.00072), in a single call from Python:
@@ -17,8 +18,8 @@
 // dozen filters, where a Python composition of ~8 small ATen calls costs several times the
 // work itself. Everything here is host memory, so branching on the count is not a device sync.
 //
-// craft_ext::reactivate_and_record_ is the same reactivation writing (reactivated, donor) into
-// row `slot` of the caller's event logs [R, N] instead of returning fresh tensors: the
+// The overload .record is the same reactivation writing (reactivated, donor) into row `slot`
+// of the caller's event logs [R, N] instead of returning fresh tensors: the
 // Reactivator's per-step hook, which then creates no Python object and, for craft on up to 512
 // filters with no filter inactive (the usual case after the first steps), allocates nothing.
 
@@ -138,7 +139,7 @@ void reactivate_and_record_cpu(const at::Tensor& weight, const at::Tensor& used,
                                const at::Tensor& reactivated_log, const at::Tensor& donor_log,
                                int64_t slot, std::optional<at::Generator> generator,
                                double threshold, c10::string_view method) {
-  constexpr const char* op = "craft_ext::reactivate_and_record_";
+  constexpr const char* op = "craft_ext::reactivate_and_reset_.record";
   check_arguments(weight, used, total, method, op);
   const int64_t n = weight.size(0);
   TORCH_CHECK(reactivated_log.scalar_type() == at::kBool && reactivated_log.dim() == 2 &&
@@ -166,7 +167,7 @@ void reactivate_and_record_cpu(const at::Tensor& weight, const at::Tensor& used,
 
 TORCH_LIBRARY_IMPL(craft_ext, CPU, m) {
   m.impl("reactivate_and_reset_", &reactivate_and_reset_cpu);
-  m.impl("reactivate_and_record_", &reactivate_and_record_cpu);
+  m.impl("reactivate_and_reset_.record", &reactivate_and_record_cpu);
 }
 
 }  // namespace craft_ext
