@@ -346,19 +346,42 @@ def reactivate_(
     ``torch.cuda.set_sync_debug_mode("error")``, CUDA-graph capture and ``torch.compile``.
     Invalid arguments raise before anything is modified.
     """
-    _check_weight(weight)
-    if not isinstance(method, str) or method not in METHODS:
-        raise ValueError(f"method must be one of {METHODS}, got {method!r}")
-    threshold = _check_threshold(threshold)
-    if used is not None:
-        _check_used(used, weight)
-    _check_generator(generator, weight.device)
-    if not torch.compiler.is_compiling() and torch._debug_has_internal_overlap(weight) == 1:
-        raise ValueError("weight has overlapping memory (e.g. expand()); cannot modify in place")
+    threshold = _check_reactivate_args(weight, method, threshold, used, generator)
     if used is None:
         used = torch.zeros(weight.shape[0], dtype=torch.bool, device=weight.device)
     with torch.no_grad():
         return _reactivate_checked(weight, used, generator, method, threshold, backend)
+
+
+def _check_method(method: object) -> str:
+    if not isinstance(method, str) or method not in METHODS:
+        raise ValueError(f"method must be one of {METHODS}, got {method!r}")
+    return method
+
+
+def _check_in_place(weight: Tensor, what: str = "weight") -> None:
+    """``weight`` can be written in place (no overlapping memory, e.g. from expand())."""
+    if not torch.compiler.is_compiling() and torch._debug_has_internal_overlap(weight) == 1:
+        raise ValueError(f"{what} has overlapping memory (e.g. expand()); cannot modify in place")
+
+
+def _check_reactivate_args(
+    weight: Tensor,
+    method: object,
+    threshold: object,
+    used: Tensor | None,
+    generator: torch.Generator | None,
+) -> float:
+    """The argument checks of :func:`reactivate_` (``used`` may be None); returns the
+    threshold as a float. Nothing is modified when one fails."""
+    _check_weight(weight)
+    _check_method(method)
+    threshold = _check_threshold(threshold)
+    if used is not None:
+        _check_used(used, weight)
+    _check_generator(generator, weight.device)
+    _check_in_place(weight)
+    return threshold
 
 
 def _reactivate_checked(

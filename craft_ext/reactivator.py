@@ -39,13 +39,12 @@ from torch import Tensor, nn
 
 from .ops import (
     _FLOAT_DTYPES,
-    METHODS,
     Reactivation,
-    _check_generator,
+    _check_in_place,
+    _check_method,
+    _check_reactivate_args,
     _check_threshold,
     _check_total,
-    _check_used,
-    _check_weight,
     _cpu_record_op,
     _reactivate_and_record_checked,
     _reactivate_and_reset_checked,
@@ -93,12 +92,6 @@ _LOG_ROWS = 256
 #: warning): a loop that never reads events must not grow without bound (with ``interval=1``
 #: each step records N bools + N int64 per watched weight)
 _MAX_PENDING_BYTES = 64 << 20
-
-
-def _check_method(method: object) -> str:
-    if not isinstance(method, str) or method not in METHODS:
-        raise ValueError(f"method must be one of {METHODS}, got {method!r}")
-    return method
 
 
 def _check_interval(interval: object) -> int | None:
@@ -177,11 +170,7 @@ def _check_targets(targets: list[tuple[str | None, Tensor]]) -> None:
             raise TypeError(
                 f"targets: {label} must be float32, float16, bfloat16 or float64, got {w.dtype}"
             )
-        if torch._debug_has_internal_overlap(w) == 1:
-            raise ValueError(
-                f"targets: {label} has overlapping memory (e.g. expand()); it cannot be "
-                "modified in place"
-            )
+        _check_in_place(w, f"targets: {label}")
 
 
 def _shared_default_seed() -> int:
@@ -686,14 +675,8 @@ def reactivate_and_reset(
     it traces under ``torch.compile(fullgraph=True)`` with ``generator=None`` and
     ``backend="auto"`` (Dynamo cannot trace an explicit ``torch.Generator`` argument).
     """
-    _check_weight(weight)
-    _check_method(method)
-    threshold = _check_threshold(threshold)
-    _check_used(used, weight)
-    _check_generator(generator, weight.device)
+    threshold = _check_reactivate_args(weight, method, threshold, used, generator)
     _check_total(total, weight)
-    if not torch.compiler.is_compiling() and torch._debug_has_internal_overlap(weight) == 1:
-        raise ValueError("weight has overlapping memory (e.g. expand()); cannot modify in place")
     bufs = [v for v in state if isinstance(v, Tensor)]
     with torch.no_grad():
         return _reactivate_and_reset_checked(
