@@ -60,7 +60,8 @@ def _extensions():
 
     sources = sorted(glob.glob(os.path.join("csrc", "*.cpp")))
     sources += sorted(glob.glob(os.path.join("csrc", "cpu", "*.cpp")))
-    cxx_flags = ["-O3", "-std=c++17", "-fdiagnostics-color=always"]
+    # no floating-point contraction: kernels round like the PyTorch references (mean + std * z)
+    cxx_flags = ["-O3", "-std=c++17", "-ffp-contract=off", "-fdiagnostics-color=always"]
     define_macros = [("Py_LIMITED_API", "0x03090000")]
     if with_cuda:
         sources += sorted(glob.glob(os.path.join("csrc", "cuda", "*.cu")))

@@ -91,8 +91,7 @@ def test_optimizer_step(benchmark, tools, device, kind):
 
     def step() -> None:
         opt.step()
-        if device == "cuda":
-            torch.cuda.synchronize()
+        tools.synchronize(device)
 
     for _ in range(3):
         step()

@@ -8,7 +8,7 @@ from __future__ import annotations
 import pytest
 import torch
 import torch.nn.functional as F
-from helpers import OPCHECK_TESTS
+from helpers import OPCHECK_TESTS, require_backend
 from torch import nn
 
 import craft_ext
@@ -118,8 +118,7 @@ def test_linear_scores_match_corrcoef():
 
 
 def _require_triton():
-    if "triton" not in craft_ext.available_backends("cpu", "connection_scores"):
-        pytest.skip("Triton (interpreter) not available for connection_scores")
+    require_backend("cpu", "triton", "connection_scores")
 
 
 @pytest.mark.parametrize("case", CONV_CASES[:3], ids=str)
@@ -238,6 +237,7 @@ def test_reference_op_bands(case):
         torch.testing.assert_close(got, want, rtol=0, atol=1e-10)
     got32 = reference.connection_scores(x.float(), y.float(), *geometry, True)
     assert got32.dtype == torch.float32
+    torch.testing.assert_close(got32.double(), want, rtol=0, atol=1e-4)
 
 
 def test_backend_selection(monkeypatch):
@@ -264,9 +264,22 @@ def test_backend_selection(monkeypatch):
     with craft_ext.use_backend("reference"):
         sp.connection_scores(mod, x, y)
     assert calls == [12, 12]
-    if "triton" not in craft_ext.available_backends("cpu", "connection_scores"):
-        return
-    # an explicit Triton choice (argument, use_backend, $CRAFT_EXT_BACKEND) is honoured on CPU
+
+
+def test_explicit_triton_choice_is_honoured_on_cpu(monkeypatch):
+    """An explicit Triton choice (argument, use_backend, $CRAFT_EXT_BACKEND) runs the Triton op on
+    CPU (interpreter); the argument and use_backend beat the environment."""
+    _require_triton()
+    mod, x, y = conv_case(2, 3, 3, 1, 1, 1, n=4, hw=(3, 3))
+    want = reference_conv(mod, x, y)
+    calls = []
+    real = reference.connection_scores
+
+    def spy(*args):
+        calls.append(len(args))
+        return real(*args)
+
+    monkeypatch.setattr(reference, "connection_scores", spy)
     x32, y32 = x.float(), y.float()
     for requested in ("argument", "use_backend", "environment"):
         calls.clear()
