@@ -21,7 +21,6 @@
 
 #include <ATen/ATen.h>
 #include <ATen/Dispatch.h>
-#include <ATen/EmptyTensor.h>
 #include <ATen/Parallel.h>
 #include <torch/library.h>
 
@@ -31,7 +30,6 @@
 #include <limits>
 #include <numeric>
 #include <optional>
-#include <string>
 #include <tuple>
 #include <vector>
 
@@ -185,51 +183,53 @@ bool any_inactive_rows(const scalar_t* rows, int64_t row_stride, int64_t n, int6
 
 }  // namespace
 
+Method check_reactivate_args(const at::Tensor& weight, const at::Tensor& used,
+                             c10::string_view method, const char* op) {
+  TORCH_CHECK(weight.dim() >= 1, op, ": weight needs a filter dim 0");
+  const auto dtype = weight.scalar_type();
+  TORCH_CHECK(dtype == at::kFloat || dtype == at::kDouble || dtype == at::kHalf ||
+                  dtype == at::kBFloat16,
+              op, ": weight must be float32, float64, float16 or bfloat16, got ", dtype);
+  const int64_t n = weight.size(0);
+  TORCH_CHECK(n == 0 || weight.numel() > 0, op,
+              ": filters must hold at least one element, got weight of shape ", weight.sizes());
+  TORCH_CHECK(used.scalar_type() == at::kBool && used.dim() == 1 && used.size(0) == n &&
+                  used.device() == weight.device(),
+              op, ": used must be a bool tensor of shape (", n, ",) on ", weight.device(),
+              ", got ", used.scalar_type(), " of shape ", used.sizes(), " on ", used.device());
+  return parse_method(method);
+}
+
 std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> reactivate_cpu(
     const at::Tensor& weight, const at::Tensor& used, const at::Tensor& order_key,
     const at::Tensor& fallback_u, const std::optional<at::Tensor>& noise, double threshold,
     c10::string_view method_name) {
-  const int64_t n = weight.dim() >= 1 ? weight.size(0) : 0;
+  const Method method = check_reactivate_args(weight, used, method_name, "craft_ext::reactivate_");
+  const int64_t n = weight.size(0);
   TORCH_CHECK(order_key.dim() == 1 && order_key.size(0) == n && fallback_u.dim() == 1 &&
                   fallback_u.size(0) == n,
               "craft_ext::reactivate_: order_key and fallback_u must be [", n, "]");
-  at::Tensor key, fu;  // float32 copies, made only when the pairing needs them
-  const auto keys = [&]() -> std::pair<const float*, const float*> {
-    key = order_key.to(at::kFloat).contiguous();
-    fu = fallback_u.to(at::kFloat).contiguous();
-    return {key.const_data_ptr<float>(), fu.const_data_ptr<float>()};
-  };
-  return reactivate_cpu_keys(weight, used, keys, noise, threshold, method_name);
-}
-
-std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> reactivate_cpu_keys(
-    const at::Tensor& weight, const at::Tensor& used, KeySource keys,
-    const std::optional<at::Tensor>& noise, double threshold, c10::string_view method_name) {
-  TORCH_CHECK(weight.dim() >= 1, "craft_ext::reactivate_: weight must have a filter dim 0");
-  return make_outputs(weight.size(0), [&](bool* inactive, bool* reactivated, int64_t* donor) {
-    return reactivate_cpu_into(weight, used, keys, noise, threshold, method_name, inactive,
+  const at::Tensor key = order_key.to(at::kFloat).contiguous();  // no copy for float32 keys
+  const at::Tensor fu = fallback_u.to(at::kFloat).contiguous();
+  return make_outputs(n, [&](bool* inactive, bool* reactivated, int64_t* donor) {
+    return reactivate_cpu_into(weight, used, key.const_data_ptr<float>(),
+                               fu.const_data_ptr<float>(), noise, threshold, method, inactive,
                                reactivated, donor);
   });
 }
 
-int64_t reactivate_cpu_into(const at::Tensor& weight, const at::Tensor& used, KeySource keys,
+int64_t reactivate_cpu_into(const at::Tensor& weight, const at::Tensor& used,
+                            const float* order_key, const float* fallback_u,
                             const std::optional<at::Tensor>& noise, double threshold,
-                            c10::string_view method_name, bool* out_inactive,
-                            bool* out_reactivated, int64_t* donor) {
-  const Method method = parse_method(method_name);
-  TORCH_CHECK(weight.dim() >= 1, "craft_ext::reactivate_: weight must have a filter dim 0");
-  TORCH_CHECK(at::isFloatingType(weight.scalar_type()),
-              "craft_ext::reactivate_: weight must be floating point, got ", weight.scalar_type());
+                            Method method, bool* out_inactive, bool* out_reactivated,
+                            int64_t* donor) {
   const int64_t n = weight.size(0);
   const int64_t k = n == 0 ? 0 : weight.numel() / n;
-  TORCH_CHECK(used.scalar_type() == at::kBool && used.dim() == 1 && used.size(0) == n,
-              "craft_ext::reactivate_: used must be bool [", n, "]");
   const bool needs_noise = method != Method::kCraft;
   if (needs_noise) {
-    TORCH_CHECK(noise.has_value() && noise->defined(),
-                "craft_ext::reactivate_: method '", method_name, "' needs noise");
-    TORCH_CHECK(noise->sizes() == weight.sizes(),
-                "craft_ext::reactivate_: noise must be shaped like weight");
+    TORCH_CHECK(noise.has_value() && noise->defined() && noise->sizes() == weight.sizes(),
+                "craft_ext::reactivate_: scaled_gaussian and random need noise shaped like "
+                "weight");
   }
 
   const auto bool_opts = weight.options().dtype(at::kBool);
@@ -237,7 +237,6 @@ int64_t reactivate_cpu_into(const at::Tensor& weight, const at::Tensor& used, Ke
   std::fill_n(out_reactivated, n, false);
   std::fill_n(donor, n, int64_t{-1});
   if (n == 0) return 0;
-  TORCH_CHECK(k > 0, "craft_ext::reactivate_: filters must hold at least one element");
 
   // Early exit (this CPU kernel may branch on the data it reads): no inactive filter means
   // nothing is written and the outputs are the all-false / -1 / 0 ones filled above. Filters
@@ -254,14 +253,9 @@ int64_t reactivate_cpu_into(const at::Tensor& weight, const at::Tensor& used, Ke
     if (!any_inactive) return 0;
   }
 
-  // Filters as [n, k] rows written in place, or a contiguous copy written back at the end.
-  at::Tensor work = weight;
-  at::Tensor rows = filter_rows_view(weight);
-  if (!rows.defined()) {
-    work = weight.contiguous();
-    rows = filter_rows_view(work);
-    TORCH_CHECK(rows.defined(), "craft_ext::reactivate_: internal error: no row view");
-  }
+  // Filters as [n, k] rows: a view written in place, or a logical-order copy written back.
+  const FilterRows fr = filter_rows(weight);
+  const at::Tensor& rows = fr.rows;
   const int64_t row_stride = n > 1 ? rows.stride(0) : k;
 
   std::vector<float> max_abs(n), l1(n);
@@ -282,8 +276,7 @@ int64_t reactivate_cpu_into(const at::Tensor& weight, const at::Tensor& used, Ke
 
   float mean_s = 0.0f, std_s = 0.0f;
   if (method == Method::kCraft) {
-    const auto [key_p, fu_p] = keys();
-    craft_donors(inactive, active, used_v, l1, key_p, fu_p, donor, newly_used);
+    craft_donors(inactive, active, used_v, l1, order_key, fallback_u, donor, newly_used);
     for (int64_t i = 0; i < n; ++i) reactivated[i] = inactive[i] && any_active;
   } else if (method == Method::kScaledGaussian) {
     // argmax of where(active, l1, -inf): the first maximum.
@@ -311,7 +304,10 @@ int64_t reactivate_cpu_into(const at::Tensor& weight, const at::Tensor& used, Ke
   }
 
   at::Tensor noise_rows;
-  if (needs_noise) noise_rows = rows_like(noise->to(at::kFloat), work).contiguous();
+  if (needs_noise) {
+    const at::Tensor z = noise->to(at::kFloat);
+    noise_rows = (fr.is_view ? rows_like(z, weight) : z.reshape({n, k})).contiguous();
+  }
   const float kaiming = static_cast<float>(std::sqrt(2.0 / static_cast<double>(k)));
   AT_DISPATCH_FLOATING_TYPES_AND2(
       at::kHalf, at::kBFloat16, weight.scalar_type(), "craft_ext::reactivate_ write", [&] {
@@ -320,7 +316,7 @@ int64_t reactivate_cpu_into(const at::Tensor& weight, const at::Tensor& used, Ke
                    needs_noise ? noise_rows.const_data_ptr<float>() : nullptr, mean_s, std_s,
                    kaiming);
       });
-  if (!work.is_same(weight)) weight.copy_(work);
+  if (!fr.is_view) weight.copy_(rows.view(weight.sizes()));
 
   if (method == Method::kCraft) {
     at::Tensor newly = at::empty({n}, bool_opts);

@@ -4,28 +4,20 @@
 
 #include <ATen/ATen.h>
 #include <ATen/EmptyTensor.h>
-#include <c10/util/FunctionRef.h>
 
 #include <optional>
 #include <tuple>
 #include <utility>
 
+#include "common.h"
+
 namespace craft_ext {
 
-// The kernel of the op: order_key, fallback_u float [N] (any floating dtype, converted).
-std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> reactivate_cpu(
-    const at::Tensor& weight, const at::Tensor& used, const at::Tensor& order_key,
-    const at::Tensor& fallback_u, const std::optional<at::Tensor>& noise, double threshold,
-    c10::string_view method_name);
-
-// (order_key, fallback_u) as float32 [N] host pointers, valid until the kernel returns; asked
-// for only when the CRAFT pairing runs (some filter is inactive).
-using KeySource = c10::function_ref<std::pair<const float*, const float*>()>;
-
-// The same kernel with the random keys supplied by `keys`.
-std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> reactivate_cpu_keys(
-    const at::Tensor& weight, const at::Tensor& used, KeySource keys,
-    const std::optional<at::Tensor>& noise, double threshold, c10::string_view method_name);
+// The argument checks shared by the CPU kernels of reactivate_ and reactivate_and_reset_
+// (`op` names the operator in messages); returns the parsed method. They come before any
+// draw or write, so a rejected call changes nothing.
+Method check_reactivate_args(const at::Tensor& weight, const at::Tensor& used,
+                             c10::string_view method, const char* op);
 
 // Fresh (inactive bool [n], reactivated bool [n], donor int64 [n], count int64 []) outputs,
 // filled by fill(inactive, reactivated, donor) -> count (host pointers). Allocated with
@@ -42,11 +34,13 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> make_outputs(int64_t 
   return {inactive, reactivated, donor, count};
 }
 
-// The same kernel writing its outputs to host arrays of N elements (inactive may be null);
-// returns the count. Allocates nothing when no filter is inactive.
-int64_t reactivate_cpu_into(const at::Tensor& weight, const at::Tensor& used, KeySource keys,
+// The reactivate_ kernel on checked arguments (check_reactivate_args), writing its outputs to
+// host arrays of N elements (inactive may be null) and returning the count. order_key and
+// fallback_u are float32 [N] host arrays (read only when some filter is inactive); noise is
+// required unless method is craft. Allocates nothing when no filter is inactive.
+int64_t reactivate_cpu_into(const at::Tensor& weight, const at::Tensor& used,
+                            const float* order_key, const float* fallback_u,
                             const std::optional<at::Tensor>& noise, double threshold,
-                            c10::string_view method_name, bool* inactive, bool* reactivated,
-                            int64_t* donor);
+                            Method method, bool* inactive, bool* reactivated, int64_t* donor);
 
 }  // namespace craft_ext

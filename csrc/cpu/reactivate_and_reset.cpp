@@ -47,24 +47,14 @@ using Outputs = std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor>;
 
 // Every argument check that does not need the draws, before anything is drawn or written
 // (a rejected call leaves the generator, the weight and the logs as they were).
-void check_arguments(const at::Tensor& weight, const at::Tensor& used, const at::Tensor& total,
-                     c10::string_view method, const char* op) {
-  TORCH_CHECK(weight.dim() >= 1, op, ": weight needs a filter dim 0");
-  const auto dtype = weight.scalar_type();
-  TORCH_CHECK(dtype == at::kFloat || dtype == at::kDouble || dtype == at::kHalf ||
-                  dtype == at::kBFloat16,
-              op, ": weight must be float32, float64, float16 or bfloat16, got ", dtype);
-  const int64_t n = weight.size(0);
-  TORCH_CHECK(n == 0 || weight.numel() > 0, op, ": filters must hold at least one element, got ",
-              "weight of shape ", weight.sizes());
-  parse_method(method);
+// check_reactivate_args plus total; returns the parsed method.
+Method check_arguments(const at::Tensor& weight, const at::Tensor& used, const at::Tensor& total,
+                       c10::string_view method, const char* op) {
+  const Method parsed = check_reactivate_args(weight, used, method, op);
   TORCH_CHECK(total.scalar_type() == at::kLong && total.numel() == 1 && total.device() == weight.device(),
               op, ": total must be an int64 scalar on ", weight.device(), ", got ",
               total.scalar_type(), " of shape ", total.sizes(), " on ", total.device());
-  TORCH_CHECK(used.scalar_type() == at::kBool && used.dim() == 1 && used.size(0) == n &&
-                  used.device() == weight.device(),
-              op, ": used must be a bool tensor of shape (", n, ",) on ", weight.device(),
-              ", got ", used.scalar_type(), " of shape ", used.sizes(), " on ", used.device());
+  return parsed;
 }
 
 // torch.rand(2, n, generator=generator) into keys[0 .. 2n): the CPU uniform_ kernel's own draw
@@ -88,21 +78,18 @@ void draw_keys(const std::optional<at::Generator>& generator, float* keys, int64
 int64_t reactivate_reset_into(const at::Tensor& weight, const at::Tensor& used,
                               const at::Tensor& total, at::TensorList state,
                               const std::optional<at::Generator>& generator, double threshold,
-                              c10::string_view method, bool* inactive, bool* reactivated,
+                              Method method, bool* inactive, bool* reactivated,
                               int64_t* donor) {
   const int64_t n = weight.size(0);
   // rand(2, N) is rand(N) twice (order_key, then fallback_u); on the stack up to N = 512
   c10::SmallVector<float, 1024> keys(2 * n);
   draw_keys(generator, keys.data(), 2 * n);
   std::optional<at::Tensor> noise;
-  if (method != "craft") {
+  if (method != Method::kCraft) {
     noise = at::randn(weight.sizes(), generator, weight.options().dtype(at::kFloat));
   }
-  const auto key_source = [&]() -> std::pair<const float*, const float*> {
-    return {keys.data(), keys.data() + n};
-  };
-  const int64_t count = reactivate_cpu_into(weight, used, key_source, noise, threshold, method,
-                                            inactive, reactivated, donor);
+  const int64_t count = reactivate_cpu_into(weight, used, keys.data(), keys.data() + n, noise,
+                                            threshold, method, inactive, reactivated, donor);
   if (count > 0) {
     // The rows to clear as an index list (index_fill_ touches only those rows; a broadcast
     // masked_fill_ walks the whole tensor, ~16 ms for an r50 [512, 512, 3, 3] buffer on CPU).
@@ -127,9 +114,10 @@ Outputs reactivate_and_reset_cpu(const at::Tensor& weight, const at::Tensor& use
                                  const at::Tensor& total, at::TensorList state,
                                  std::optional<at::Generator> generator, double threshold,
                                  c10::string_view method) {
-  check_arguments(weight, used, total, method, "craft_ext::reactivate_and_reset_");
+  const Method parsed =
+      check_arguments(weight, used, total, method, "craft_ext::reactivate_and_reset_");
   return make_outputs(weight.size(0), [&](bool* inactive, bool* reactivated, int64_t* donor) {
-    return reactivate_reset_into(weight, used, total, state, generator, threshold, method,
+    return reactivate_reset_into(weight, used, total, state, generator, threshold, parsed,
                                  inactive, reactivated, donor);
   });
 }
@@ -140,7 +128,7 @@ void reactivate_and_record_cpu(const at::Tensor& weight, const at::Tensor& used,
                                int64_t slot, std::optional<at::Generator> generator,
                                double threshold, c10::string_view method) {
   constexpr const char* op = "craft_ext::reactivate_and_reset_.record";
-  check_arguments(weight, used, total, method, op);
+  const Method parsed = check_arguments(weight, used, total, method, op);
   const int64_t n = weight.size(0);
   TORCH_CHECK(reactivated_log.scalar_type() == at::kBool && reactivated_log.dim() == 2 &&
                   reactivated_log.size(1) == n && reactivated_log.is_contiguous() &&
@@ -158,7 +146,7 @@ void reactivate_and_record_cpu(const at::Tensor& weight, const at::Tensor& used,
               donor_log.is_contiguous() ? "" : " (not contiguous)");
   TORCH_CHECK(slot >= 0 && slot < reactivated_log.size(0), op, ": slot must be in [0, ",
               reactivated_log.size(0), "), got ", slot);
-  reactivate_reset_into(weight, used, total, state, generator, threshold, method, nullptr,
+  reactivate_reset_into(weight, used, total, state, generator, threshold, parsed, nullptr,
                         reactivated_log.mutable_data_ptr<bool>() + slot * n,
                         donor_log.mutable_data_ptr<int64_t>() + slot * n);
 }
