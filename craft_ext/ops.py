@@ -350,7 +350,9 @@ def reactivate_(
     if used is None:
         used = torch.zeros(weight.shape[0], dtype=torch.bool, device=weight.device)
     with torch.no_grad():
-        return _reactivate_checked(weight, used, generator, method, threshold, backend)
+        impl = _impl("reactivate_", _resolve_fast(weight.device, "reactivate_", backend))
+        order_key, fallback_u, noise = reference.reactivation_inputs(weight, generator, method)
+        return Reactivation(*impl(weight, used, order_key, fallback_u, noise, threshold, method))
 
 
 def _check_method(method: object) -> str:
@@ -382,22 +384,6 @@ def _check_reactivate_args(
     _check_generator(generator, weight.device)
     _check_in_place(weight)
     return threshold
-
-
-def _reactivate_checked(
-    weight: Tensor,
-    used: Tensor,
-    generator: torch.Generator | None,
-    method: str,
-    threshold: float,
-    backend: str | None,
-) -> Reactivation:
-    """:func:`reactivate_` after validation (callers check the arguments and disable grad):
-    the random draws, then the backend's operator. :class:`craft_ext.Reactivator` calls this
-    directly for the weights it validated once, at construction."""
-    impl = _impl("reactivate_", _resolve_fast(weight.device, "reactivate_", backend))
-    order_key, fallback_u, noise = reference.reactivation_inputs(weight, generator, method)
-    return Reactivation(*impl(weight, used, order_key, fallback_u, noise, threshold, method))
 
 
 def _reactivate_and_reset_checked(
@@ -440,6 +426,8 @@ def _reactivate_and_reset_checked(
 
 @functools.cache
 def _fused_cpu() -> bool:
+    """Whether the C++ CPU kernels of reactivate_and_reset_ (both overloads, registered
+    together) are compiled in."""
     return has_kernel("reactivate_and_reset_", "CPU")
 
 
@@ -465,7 +453,7 @@ def _reactivate_and_record_checked(
     construction)."""
     name = _resolve_fast(weight.device, "reactivate_", backend)
     args = (weight, used, total, state, reactivated_log, donor_log, slot, generator, threshold)
-    if name == "cpp" and _recording_cpu():
+    if name == "cpp" and _fused_cpu():
         op = torch.ops.craft_ext.reactivate_and_reset_.record
         (op if torch.compiler.is_compiling() else op._op)(*args, method)  # checked in C++
         return
@@ -476,15 +464,16 @@ def _reactivate_and_record_checked(
     reference.reactivate_and_record_(*args, method, reactivate=_impl("reactivate_", name))
 
 
+def _describe(t: object) -> str:
+    """A tensor's dtype, shape, device and layout for error messages."""
+    if not isinstance(t, Tensor):
+        return type(t).__name__
+    layout = "" if t.is_contiguous() else " (not contiguous)"
+    return f"{t.dtype} of shape {tuple(t.shape)} on {t.device}{layout}"
+
+
 def _check_logs(reactivated_log: Tensor, donor_log: Tensor, slot: int, weight: Tensor) -> None:
     """The C++ kernel's checks of reactivate_and_reset_.record's logs (host metadata only)."""
-
-    def what(t: object) -> str:
-        if not isinstance(t, Tensor):
-            return type(t).__name__
-        layout = "" if t.is_contiguous() else " (not contiguous)"
-        return f"{t.dtype} of shape {tuple(t.shape)} on {t.device}{layout}"
-
     n = weight.shape[0]
     if not (
         isinstance(reactivated_log, Tensor)
@@ -496,7 +485,7 @@ def _check_logs(reactivated_log: Tensor, donor_log: Tensor, slot: int, weight: T
     ):
         raise ValueError(
             f"reactivated_log must be a contiguous bool [R, {n}] tensor on {weight.device}, "
-            f"got {what(reactivated_log)}"
+            f"got {_describe(reactivated_log)}"
         )
     if not (
         isinstance(donor_log, Tensor)
@@ -507,15 +496,10 @@ def _check_logs(reactivated_log: Tensor, donor_log: Tensor, slot: int, weight: T
     ):
         raise ValueError(
             "donor_log must be a contiguous int64 tensor shaped like reactivated_log "
-            f"{tuple(reactivated_log.shape)} on {weight.device}, got {what(donor_log)}"
+            f"{tuple(reactivated_log.shape)} on {weight.device}, got {_describe(donor_log)}"
         )
     if isinstance(slot, bool) or not isinstance(slot, int) or not 0 <= slot < len(reactivated_log):
         raise ValueError(f"slot must be an int in [0, {len(reactivated_log)}), got {slot!r}")
-
-
-@functools.cache
-def _recording_cpu() -> bool:
-    return has_kernel("reactivate_and_reset_.record", "CPU")
 
 
 def _cpu_record_op() -> Callable[..., None] | None:
@@ -524,11 +508,11 @@ def _cpu_record_op() -> Callable[..., None] | None:
     tracing), else None. :class:`craft_ext.Reactivator` asks once per step and then calls it
     directly for its CPU weights (same call as :func:`_reactivate_and_record_checked`, without
     its Python frames, which cost several us per step with cold caches)."""
-    requested = _BACKEND_OVERRIDE.get() or _ENV_BACKEND or "auto"
+    requested = _requested_backend(None)
     if (
         requested == "triton"  # resolved with $TRITON_INTERPRET by the general path
         or torch.compiler.is_compiling()
-        or not _recording_cpu()
+        or not _fused_cpu()
         or _resolve_cached("cpu", "reactivate_", requested, False) != "cpp"
     ):
         return None
