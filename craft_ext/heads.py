@@ -299,6 +299,13 @@ class PartialFC(nn.Module):
         )
 
 
+def check_steps(steps: object) -> int:
+    """``steps`` as a positive number of SGD steps, else a ValueError naming it."""
+    if isinstance(steps, bool) or not isinstance(steps, int) or steps < 1:
+        raise ValueError(f"steps must be a positive int, got {steps!r}")
+    return steps
+
+
 def margin_sgd_steps(
     model: nn.Module,
     head: nn.Module,
@@ -317,7 +324,11 @@ def margin_sgd_steps(
     masking, hence here). ``loss_fn(head(model(x)), y)`` is minimised, e.g.
     :class:`CombinedMarginLoss` on a :class:`NormalizedFC`. Returns every step's loss,
     detached, on the device (nothing is read back to the host).
+
+    Raises:
+        ValueError: ``steps`` is not a positive int.
     """
+    check_steps(steps)
     device = next(model.parameters()).device
     head.to(device)
     params = [p for p in [*model.parameters(), *head.parameters()] if p.requires_grad]

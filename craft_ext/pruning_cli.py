@@ -27,13 +27,12 @@ from typing import Any
 import torch
 from torch import nn
 
-from .analysis.io import load_state_dict
+from .analysis.io import build_model, load_state_dict
 from .data.folder import ImageFolderDataset
 from .data.synthetic import SyntheticFaceDataset
 from .data.transforms import eval_transform, train_transform
-from .heads import NormalizedFC, margin_sgd_steps
+from .heads import NormalizedFC, check_steps, margin_sgd_steps
 from .losses import CombinedMarginLoss
-from .models import get_model, infer_network
 from .pruning import find_prunable, load_pruned, profile, prune, save_pruned
 
 __all__ = ["build_parser", "finetune", "main"]
@@ -93,15 +92,12 @@ def build_parser() -> argparse.ArgumentParser:
 def _load_backbone(path: str, network: str | None) -> tuple[nn.Module, str, dict[str, Any]]:
     """The backbone in ``path`` (any source :func:`craft_ext.analysis.io.load_state_dict` reads:
     a state-dict file, possibly wrapped or key-prefixed, a craft-train checkpoint or a run
-    directory), built by :func:`infer_network` (or ``network``) and loaded strictly."""
+    directory), built by :func:`craft_ext.analysis.io.build_model`: ``(model, name, options)``."""
     try:
         sd = load_state_dict(path)
     except FileNotFoundError as exc:
         raise FileNotFoundError(f"checkpoint not found: {exc}") from exc
-    name, options = infer_network(sd)
-    model = get_model(network or name, **options)
-    model.load_state_dict(sd, strict=True)
-    return model, network or name, options
+    return build_model(sd, network)
 
 
 def _dataset(args: argparse.Namespace, size: int, train: bool) -> Any:
@@ -137,8 +133,7 @@ def finetune(
     Raises:
         ValueError: ``steps`` is not a positive int.
     """
-    if isinstance(steps, bool) or not isinstance(steps, int) or steps < 1:
-        raise ValueError(f"steps must be a positive int, got {steps!r}")
+    check_steps(steps)  # before the data set is built
     torch.manual_seed(seed)
     backbone.to(torch.device(device))
     num_features = int(getattr(backbone, "num_features", 512))

@@ -202,8 +202,9 @@ class _Log:
 
     def __init__(self, weight: Tensor) -> None:
         n = weight.shape[0]
-        self.reactivated = torch.zeros(_LOG_ROWS, n, dtype=torch.bool, device=weight.device)
-        self.donor = torch.full((_LOG_ROWS, n), -1, dtype=torch.int64, device=weight.device)
+        # rows are read only once written (up to len(seq))
+        self.reactivated = torch.empty(_LOG_ROWS, n, dtype=torch.bool, device=weight.device)
+        self.donor = torch.empty(_LOG_ROWS, n, dtype=torch.int64, device=weight.device)
         self.seq: list[int] = []
         self.steps: list[int] = []
 

@@ -532,17 +532,18 @@ def make_retrain_fn(
     :class:`~craft_ext.losses.CombinedMarginLoss` ``(s, m1, m2, m3) = margin`` (CosFace by
     default). The head persists across calls. Returns the last loss (a tensor, not read back).
     """
-    from .heads import NormalizedFC, margin_sgd_steps
+    from .heads import NormalizedFC, check_steps, margin_sgd_steps
     from .losses import CombinedMarginLoss
 
+    check_steps(steps)
     head = NormalizedFC(embedding_size, num_classes)
     loss_fn = CombinedMarginLoss(*margin)
 
-    def retrain(model: nn.Module, layer: str = "") -> Tensor | None:
+    def retrain(model: nn.Module, layer: str = "") -> Tensor:
         losses = margin_sgd_steps(
             model, head, loss_fn, data, steps, lr=lr, momentum=momentum, weight_decay=weight_decay
         )
-        return losses[-1] if losses else None
+        return losses[-1]
 
     return retrain
 

@@ -27,6 +27,7 @@ __all__ = [
     "RUN_DIR_FILES",
     "AnalysisError",
     "Source",
+    "build_model",
     "conv_weights",
     "first_conv",
     "load_model",
@@ -189,15 +190,26 @@ def load_model(source: Source, network: str | None = None) -> nn.Module:
     """An ``nn.Module`` in eval mode for ``source``.
 
     A module is returned as is (switched to eval mode). Otherwise the state dict is loaded and
-    the network built with ``craft_ext.models`` (``infer_network`` unless ``network`` names
-    it), then loaded strictly.
+    the network built with ``craft_ext.models`` (see :func:`build_model`).
 
     Raises:
         AnalysisError: ``craft_ext.models`` is unavailable or the weights do not fit.
     """
     if isinstance(source, nn.Module):
         return source.eval()
-    sd = load_state_dict(source)
+    return build_model(load_state_dict(source), network)[0].eval()
+
+
+def build_model(
+    sd: dict[str, Tensor], network: str | None = None
+) -> tuple[nn.Module, str, dict[str, Any]]:
+    """``(model, network name, get_model options)`` for the state dict ``sd``: the network
+    ``infer_network`` finds (or ``network``, with default options when it differs), built
+    with ``craft_ext.models.get_model`` and loaded strictly.
+
+    Raises:
+        AnalysisError: ``craft_ext.models`` is unavailable or the weights do not fit.
+    """
     try:
         from craft_ext.models import get_model, infer_network
     except ImportError as exc:
@@ -218,4 +230,4 @@ def load_model(source: Source, network: str | None = None) -> nn.Module:
         model.load_state_dict(sd, strict=True)
     except RuntimeError as exc:
         raise AnalysisError(f"weights do not fit network {name!r}: {exc}") from exc
-    return model.eval()
+    return model, name, options

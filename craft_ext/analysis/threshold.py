@@ -96,7 +96,9 @@ def load_images(
             pixels, _ = load_bin(path, image_size=size, progress=False, limit=n)
         except Exception as exc:
             raise AnalysisError(f"cannot read {str(path)!r} as an insightface .bin: {exc}") from exc
-        images = list(pixels.float().div(127.5).sub(1.0))
+        if len(pixels) == 0:
+            raise AnalysisError(f"no readable images in {str(path)!r}")
+        return pixels.float().div_(127.5).sub_(1.0)
     else:
         try:
             with Image.open(path) as img:

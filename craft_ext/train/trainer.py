@@ -326,7 +326,8 @@ class Trainer:
         :meth:`inactive_counts`, from the same statistics)."""
         counts = {}
         for name, w in self._watched_weights().items():
-            s = craft_ext.filter_stats(w.detach())
+            stats = craft_ext.filter_stats(w.detach())
+            s = type(stats)(*(v.cpu() for v in stats))  # one read-back; counted on the host
             counts[name] = self._inactive(s)
             self.logger.log_filter_stats(
                 {
@@ -334,7 +335,7 @@ class Trainer:
                     "step": self.step,
                     "layer": name,
                     "when": when,
-                    **{k: v.cpu().tolist() for k, v in s._asdict().items()},
+                    **{k: v.tolist() for k, v in s._asdict().items()},
                 }
             )
         return counts
