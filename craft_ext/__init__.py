@@ -12,12 +12,20 @@ Quick use::
     r = craft_ext.reactivate_(model.conv1.weight)               # in place, CRAFT rule
     print(int(r.count), "filters reactivated")
 
+    # BN-aware: detect on the folded filter, revive the whole channel (conv + BN + PReLU)
+    r = craft_ext.reactivate_(model.conv1.weight, bn=model.bn1, prelu=model.prelu,
+                              criterion="folded")
+    opt = craft_ext.ReactivatingSGD(model.parameters(), lr=0.1, momentum=0.9,
+                                    reactivate=craft_ext.channels_of(model, "conv1"),
+                                    criterion="folded")
+
 Importing craft_ext does not initialise CUDA.
 """
 
 from __future__ import annotations
 
 from ._extension import extension_error, extension_loaded
+from .channel import CRITERIA, Channel, channel_of, channels_of
 from .ops import (
     BACKENDS,
     METHODS,
@@ -53,7 +61,9 @@ def __getattr__(name: str) -> object:
 
 __all__ = [
     "BACKENDS",
+    "CRITERIA",
     "METHODS",
+    "Channel",
     "FeatureMapStats",
     "FilterStats",
     "ReactivatingSGD",
@@ -61,6 +71,8 @@ __all__ = [
     "ReactivationEvent",
     "Reactivator",
     "available_backends",
+    "channel_of",
+    "channels_of",
     "extension_error",
     "extension_loaded",
     "feature_map_stats",

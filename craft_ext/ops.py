@@ -35,7 +35,7 @@ from collections.abc import Callable, Iterator
 from typing import NamedTuple
 
 import torch
-from torch import Tensor
+from torch import Tensor, nn
 
 from . import reference
 from ._extension import KERNELS, TRITON_ERROR, extension_loaded, has_kernel
@@ -253,13 +253,20 @@ def _check_generator(generator: object, device: torch.device) -> None:
 # --------------------------------------------------------------------------------------------
 
 
-def filter_stats(weight: Tensor, *, backend: str | None = None) -> FilterStats:
+def filter_stats(
+    weight: Tensor, *, bn: nn.Module | None = None, backend: str | None = None
+) -> FilterStats:
     """Per-filter max |w|, L1 norm, mean and std (correction 0) in one pass over ``weight``.
 
     Args:
         weight: [N, ...] floating tensor: a conv weight [N, C, kh, kw] or a linear weight
             [N, K]; any memory layout (channels_last, non-contiguous); float32, float16,
             bfloat16 or float64.
+        bn: the BatchNorm that follows the layer (N channels, running statistics): then the
+            statistics are those of the *folded* filters ``w_i * s_i``,
+            ``s_i = gamma_i / sqrt(running_var_i + eps)``, the filters as the network applies
+            them in eval mode (``max_abs`` finds channels dead through BN). Still one pass over
+            the weight: the fold is a per-filter product in the kernel's epilogue.
         backend: force a backend (see module docs); default ``"auto"``.
 
     Returns:
@@ -270,9 +277,17 @@ def filter_stats(weight: Tensor, *, backend: str | None = None) -> FilterStats:
     (``max_abs <= 1e-3``) and rank donors (``l1``).
     """
     _check_weight(weight)
+    fold: tuple[Tensor | None, Tensor | None, float] = (None, None, 1e-5)
+    if bn is not None:
+        from .channel import channel_of
+
+        ch = channel_of(weight, bn, trainable=False)
+        fold = (ch.bn_weight, ch.running_var, ch.eps)
     impl = _impl("filter_stats", resolve_backend(weight.device, "filter_stats", backend))
     with torch.no_grad():
-        return FilterStats(*impl(weight))
+        if fold[1] is None:
+            return FilterStats(*impl(weight))
+        return FilterStats(*impl(weight, *fold))
 
 
 # --------------------------------------------------------------------------------------------
@@ -308,12 +323,26 @@ def reactivate_(
     threshold: float = 1e-3,
     used: Tensor | None = None,
     generator: torch.Generator | None = None,
+    criterion: str = "weight",
+    bn: nn.Module | None = None,
+    prelu: nn.Module | Tensor | None = None,
     backend: str | None = None,
 ) -> Reactivation:
     """Find the inactive filters of ``weight`` and reactivate them in place (CRAFT).
 
     Filter i (``weight[i]``) is inactive when every ``|w|`` in it is ``<= threshold``
-    (Bhatta et al., arXiv 2312.00072: theta = 1e-3; compared in float32).
+    (Bhatta et al., arXiv 2312.00072: theta = 1e-3; compared in float32); with
+    ``criterion="folded"`` when every ``|w * s_i|`` is, ``s_i = gamma_i / sqrt(var_i + eps)`` of
+    the BatchNorm ``bn`` that follows (the filter the network applies: a channel whose gamma
+    decayed is dead however large its weights). Donors are then ranked by folded L1 too.
+
+    With ``bn`` (and ``prelu``) the whole channel is reactivated, not only the filter: the
+    BatchNorm entries and slope of each reactivated channel are rewritten
+    (:data:`craft_ext.reference.CHANNEL_RULES`). ``craft``: gamma, running variance and slope
+    copied from the donor, beta and running mean negated, so that
+    ``BN_i(conv_i(x)) = -BN_d(conv_d(x))`` exactly; ``scaled_gaussian``: the source channel's
+    gamma, running statistics and slope, beta 0; ``random``: BatchNorm's reset values
+    (gamma 1, beta 0, mean 0, variance 1). A layer's own bias follows the same rules.
 
     Methods:
         ``"craft"`` (the paper's): active filters not yet spent as donors (``used``) are
@@ -337,6 +366,9 @@ def reactivate_(
             (``craft`` only). None: a fresh all-False mask for this call.
         generator: torch.Generator on ``weight``'s device type for the random order, donor
             draws and noise; None uses that device's default generator.
+        criterion: ``"weight"`` (the paper's) or ``"folded"`` (needs ``bn``).
+        bn: the BatchNorm after the layer (N channels, affine, running statistics, trainable).
+        prelu: the per-channel PReLU after the BatchNorm (``nn.PReLU(N)`` or its [N] slopes).
         backend: force a backend (see module docs).
 
     Returns:
@@ -347,12 +379,34 @@ def reactivate_(
     Invalid arguments raise before anything is modified.
     """
     threshold = _check_reactivate_args(weight, method, threshold, used, generator)
+    channel_args = _channel_args(weight, criterion, bn, prelu)
     if used is None:
         used = torch.zeros(weight.shape[0], dtype=torch.bool, device=weight.device)
     with torch.no_grad():
         impl = _impl("reactivate_", _resolve_fast(weight.device, "reactivate_", backend))
         order_key, fallback_u, noise = reference.reactivation_inputs(weight, generator, method)
-        return Reactivation(*impl(weight, used, order_key, fallback_u, noise, threshold, method))
+        out = impl(weight, used, order_key, fallback_u, noise, threshold, method, *channel_args)
+        return Reactivation(*out)
+
+
+def _channel_args(
+    weight: Tensor, criterion: object, bn: nn.Module | None, prelu: nn.Module | Tensor | None
+) -> tuple[object, ...]:
+    """The operators' channel arguments for ``weight`` with ``bn`` / ``prelu`` (validated;
+    ``()`` for the plain filter and the weight criterion)."""
+    from .channel import channel_of, check_criterion
+
+    folded = check_criterion(criterion) == "folded"
+    if folded and bn is None:
+        raise ValueError(
+            'criterion="folded" needs bn= (the BatchNorm after the layer): the folded filter '
+            "is w_i * gamma_i / sqrt(running_var_i + eps)"
+        )
+    if bn is None and prelu is None:
+        return ()
+    if bn is None:
+        raise ValueError("prelu= needs bn= too: the slope belongs to the channel after its BN")
+    return channel_of(weight, bn, prelu).op_args(folded)
 
 
 def _check_method(method: object) -> str:
@@ -395,18 +449,21 @@ def _reactivate_and_reset_checked(
     method: str,
     threshold: float,
     backend: str | None,
+    channel_args: tuple[object, ...] = (),
 ) -> Reactivation:
     """:func:`craft_ext.reference.reactivate_and_reset_` with the backend's ``reactivate_``
-    (callers validate and disable grad; ``state`` holds tensors only). On CPU with the compiled
-    extension it is one C++ call (``craft_ext::reactivate_and_reset_``, same draws, same
-    results): :meth:`craft_ext.Reactivator.reactivate`."""
+    (callers validate and disable grad; ``state`` holds tensors only; ``channel_args`` are
+    :meth:`craft_ext.Channel.op_args`). On CPU with the compiled extension it is one C++ call
+    (``craft_ext::reactivate_and_reset_``, same draws, same results):
+    :meth:`craft_ext.Reactivator.reactivate`."""
     name = _resolve_fast(weight.device, "reactivate_", backend)
     if name == "cpp" and _fused_cpu():
         op = torch.ops.craft_ext.reactivate_and_reset_.default
         # eager calls skip OpOverload.__call__'s Python frame (a few us per step when cold);
         # Dynamo traces the OpOverload itself
         call = op if torch.compiler.is_compiling() else op._op
-        out = call(weight, used, total, state, generator, threshold, method)  # checked in C++
+        # checked in C++
+        out = call(weight, used, total, state, generator, threshold, method, *channel_args)
     else:
         _check_used(used, weight)
         _check_total(total, weight)
@@ -419,6 +476,7 @@ def _reactivate_and_reset_checked(
             generator,
             threshold,
             method,
+            *channel_args,
             reactivate=_impl("reactivate_", name),
         )
     return tuple.__new__(Reactivation, out)  # Reactivation._make(out) without its frame
@@ -443,6 +501,7 @@ def _reactivate_and_record_checked(
     method: str,
     threshold: float,
     backend: str | None,
+    channel_args: tuple[object, ...] = (),
 ) -> None:
     """:func:`craft_ext.reference.reactivate_and_record_` with the backend's ``reactivate_``
     (callers validate, disable grad and own the logs): :class:`craft_ext.Reactivator`'s
@@ -455,13 +514,16 @@ def _reactivate_and_record_checked(
     args = (weight, used, total, state, reactivated_log, donor_log, slot, generator, threshold)
     if name == "cpp" and _fused_cpu():
         op = torch.ops.craft_ext.reactivate_and_reset_.record
-        (op if torch.compiler.is_compiling() else op._op)(*args, method)  # checked in C++
+        # checked in C++
+        (op if torch.compiler.is_compiling() else op._op)(*args, method, *channel_args)
         return
     _check_used(used, weight)
     _check_total(total, weight)
     _check_generator(generator, weight.device)
     _check_logs(reactivated_log, donor_log, slot, weight)
-    reference.reactivate_and_record_(*args, method, reactivate=_impl("reactivate_", name))
+    reference.reactivate_and_record_(
+        *args, method, *channel_args, reactivate=_impl("reactivate_", name)
+    )
 
 
 def _describe(t: object) -> str:
@@ -606,7 +668,9 @@ def feature_map_stats(
 # --------------------------------------------------------------------------------------------
 
 
-def _fake_filter_stats(weight: Tensor) -> tuple[Tensor, Tensor, Tensor, Tensor]:
+def _fake_filter_stats(
+    weight: Tensor, *_: object, **__: object
+) -> tuple[Tensor, Tensor, Tensor, Tensor]:
     n = weight.shape[0]
     return tuple(weight.new_empty((n,), dtype=torch.float32) for _ in range(4))  # type: ignore[return-value]
 
@@ -619,6 +683,8 @@ def _fake_reactivate(
     noise: Tensor | None,
     threshold: float,
     method: str,
+    *_: object,
+    **__: object,
 ) -> tuple[Tensor, Tensor, Tensor, Tensor]:
     n = weight.shape[0]
     return (
@@ -642,12 +708,14 @@ def _fake_feature_map_stats(
     )
 
 
-def _fake_reactivate_and_reset(weight: Tensor, *_: object) -> tuple[Tensor, Tensor, Tensor, Tensor]:
+def _fake_reactivate_and_reset(
+    weight: Tensor, *_: object, **__: object
+) -> tuple[Tensor, Tensor, Tensor, Tensor]:
     """Outputs of reactivate_and_reset_ (its other arguments do not shape them)."""
     return _fake_reactivate(weight, weight, weight, weight, None, 0.0, "craft")
 
 
-def _fake_reactivate_and_record(*_: object) -> None:
+def _fake_reactivate_and_record(*_: object, **__: object) -> None:
     """reactivate_and_reset_.record returns nothing (it writes its arguments)."""
     return None
 

@@ -29,10 +29,15 @@ class ReactivatingSGD(torch.optim.SGD):
 
     Args:
         reactivate: the weights to watch, in any form :class:`craft_ext.Reactivator` accepts
-            (a module, a Parameter, a list / dict of them, or ``(name, parameter)`` pairs);
-            each must be a parameter given in ``params``. Empty: plain SGD.
+            (a module, a Parameter, a :class:`craft_ext.Channel`, a list / dict of them, or
+            ``(name, target)`` pairs); each weight must be a parameter given in ``params``.
+            Empty: plain SGD.
         threshold: filter i of ``W`` [N, ...] is inactive when ``max |W[i]| <= threshold``.
         method: ``"craft"`` (paper), ``"scaled_gaussian"`` or ``"random"``.
+        criterion: ``"weight"`` (paper) or ``"folded"`` (the filter times its BatchNorm scale
+            gamma / sqrt(running_var + eps): finds channels dead through BN).
+        bn, prelu: the BatchNorm / PReLU after a single watched layer: BN-aware reactivation
+            of the whole channel (see :class:`craft_ext.Reactivator`).
         interval: reactivate after every ``interval`` steps; None: only on :meth:`reactivate`.
         seed: reactivation generator seed (None: shared across DDP ranks, see Reactivator).
 
@@ -59,6 +64,9 @@ class ReactivatingSGD(torch.optim.SGD):
         reactivate: object = (),
         threshold: float = 1e-3,
         method: str = "craft",
+        criterion: str = "weight",
+        bn: torch.nn.Module | None = None,
+        prelu: torch.nn.Module | Tensor | None = None,
         interval: int | None = None,
         seed: int | None = None,
     ) -> None:
@@ -75,7 +83,13 @@ class ReactivatingSGD(torch.optim.SGD):
             fused=fused,
         )
         self.reactivator = Reactivator(
-            reactivate, threshold=threshold, method=method, seed=seed
+            reactivate,
+            threshold=threshold,
+            method=method,
+            criterion=criterion,
+            bn=bn,
+            prelu=prelu,
+            seed=seed,
         ).attach(self, interval=interval)
 
     def reactivate(self) -> list[Reactivation]:

@@ -37,6 +37,7 @@ from typing import Any, NamedTuple
 import torch
 from torch import Tensor, nn
 
+from .channel import Channel, channels_of, check_criterion, watched_channels
 from .ops import (
     _FLOAT_DTYPES,
     Reactivation,
@@ -104,56 +105,12 @@ def _check_interval(interval: object) -> int | None:
     return interval
 
 
-def _as_weight(obj: object, what: str) -> Tensor:
-    """The weight tensor of a target: a module's ``.weight`` or the tensor itself."""
-    if isinstance(obj, nn.Module):
-        weight = getattr(obj, "weight", None)
-        if not isinstance(weight, Tensor):
-            raise TypeError(
-                f"targets: {what} is a {type(obj).__name__} without a .weight tensor; pass a "
-                "conv/linear module or its weight"
-            )
-        return weight
-    if isinstance(obj, Tensor):
-        return obj
-    raise TypeError(
-        f"targets: {what} must be a module, a Parameter or a (name, parameter) pair, "
-        f"got {type(obj).__name__}"
-    )
-
-
-def _normalise_targets(targets: object) -> list[tuple[str | None, Tensor]]:
-    """``targets`` as a list of ``(name or None, weight)``."""
-    if targets is None:
-        return []
-    if isinstance(targets, (nn.Module, Tensor)):
-        return [(None, _as_weight(targets, "the target"))]
-    if isinstance(targets, Mapping):
-        out = []
-        for key, value in targets.items():
-            if not isinstance(key, str):
-                raise TypeError(f"targets: dict keys must be names (str), got {key!r}")
-            out.append((key, _as_weight(value, f"targets[{key!r}]")))
-        return out
-    if isinstance(targets, (str, bytes)) or not isinstance(targets, Iterable):
-        raise TypeError(
-            "targets must be a module, a Parameter, or a list/dict of them (or of "
-            f"(name, parameter) pairs), got {type(targets).__name__}"
-        )
-    out = []
-    for i, item in enumerate(targets):
-        if isinstance(item, tuple) and len(item) == 2 and isinstance(item[0], str):
-            out.append((item[0], _as_weight(item[1], f"targets[{i}] ({item[0]!r})")))
-        else:
-            out.append((None, _as_weight(item, f"targets[{i}]")))
-    return out
-
-
-def _check_targets(targets: list[tuple[str | None, Tensor]]) -> None:
+def _check_targets(targets: list[tuple[str | None, Channel]], criterion: str) -> None:
     seen: dict[int, int] = {}
     names: dict[str, int] = {}
-    for i, (name, w) in enumerate(targets):
-        label = f"targets[{i}]" + (f" ({name!r})" if name else "")
+    for i, (name, ch) in enumerate(targets):
+        w = ch.weight
+        label = f"targets[{i}]" + (f" ({name or ch.name!r})" if name or ch.name else "")
         if id(w) in seen:
             raise ValueError(f"targets: {label} duplicates targets[{seen[id(w)]}] (same tensor)")
         seen[id(w)] = i
@@ -171,6 +128,11 @@ def _check_targets(targets: list[tuple[str | None, Tensor]]) -> None:
                 f"targets: {label} must be float32, float16, bfloat16 or float64, got {w.dtype}"
             )
         _check_in_place(w, f"targets: {label}")
+        if criterion == "folded" and not ch.has_bn:
+            raise ValueError(
+                f"targets: {label} has no BatchNorm after it; criterion='folded' detects on the "
+                "filter folded with its BN: pass bn=, a Channel, or use Reactivator.from_model"
+            )
 
 
 def _shared_default_seed() -> int:
@@ -220,13 +182,23 @@ class Reactivator:
     """Reactivates inactive filters of watched weights, alone or hooked to an optimizer.
 
     Args:
-        targets: what to watch: a conv/linear module (its ``.weight``), a Parameter, or a
-            list / dict of them, or a list of ``(name, parameter)`` pairs. Each weight is
-            [N, ...] with N filters (rows). Names default to the parameter names the attached
-            optimizer knows (``named_parameters()`` passed to it), else ``"target{i}"``.
+        targets: what to watch: a conv/linear module (its ``.weight``), a Parameter, a
+            :class:`craft_ext.Channel` (a weight with its BatchNorm / PReLU entries, e.g. from
+            :func:`craft_ext.channels_of`), or a list / dict of them, or a list of
+            ``(name, target)`` pairs. Each weight is [N, ...] with N filters (rows). Names
+            default to the parameter names the attached optimizer knows
+            (``named_parameters()`` passed to it), else the channel's name, else
+            ``"target{i}"``.
         threshold: filter i is inactive when ``max |W[i]| <= threshold`` (paper: 1e-3).
         method: ``"craft"`` (the paper's), ``"scaled_gaussian"`` or ``"random"``; see
             :func:`craft_ext.reactivate_`.
+        criterion: ``"weight"`` (the paper's rule, above) or ``"folded"``: inactive when
+            ``max |W[i] * s_i| <= threshold``, s_i = gamma_i / sqrt(running_var_i + eps) of the
+            BatchNorm after the layer (every target needs one).
+        bn, prelu: the BatchNorm (and per-channel PReLU) after a single target: its whole
+            channel is then reactivated (BN entries rewritten, see
+            :data:`craft_ext.reference.CHANNEL_RULES`), their optimizer-state rows reset too.
+            For models, :meth:`from_model` finds them.
         seed: seed of the reactivation generator (one ``torch.Generator`` per device of the
             watched weights). None: a seed derived from ``torch.initial_seed()``, broadcast from
             rank 0 when ``torch.distributed`` is initialised, so that every DDP rank (holding
@@ -244,17 +216,29 @@ class Reactivator:
         *,
         threshold: float = 1e-3,
         method: str = "craft",
+        criterion: str = "weight",
+        bn: nn.Module | None = None,
+        prelu: nn.Module | Tensor | None = None,
         seed: int | None = None,
     ) -> None:
         self.method = _check_method(method)
         self.threshold = _check_threshold(threshold)
+        self.criterion = check_criterion(criterion)
         if seed is not None and (isinstance(seed, bool) or not isinstance(seed, int)):
             raise TypeError(f"seed must be an int or None, got {type(seed).__name__}")
-        pairs = _normalise_targets(targets)
-        _check_targets(pairs)
-        self._given_names = [name for name, _ in pairs]
-        self.names: list[str] = [name or f"target{i}" for i, (name, _) in enumerate(pairs)]
-        self.weights: list[Tensor] = [w for _, w in pairs]
+        pairs = watched_channels(targets, bn=bn, prelu=prelu)
+        _check_targets(pairs, self.criterion)
+        self._given_names = [name or ch.name for name, ch in pairs]
+        self.names: list[str] = [name or f"target{i}" for i, name in enumerate(self._given_names)]
+        #: the watched channels (weight, and BN / PReLU entries where given)
+        self.channels: list[Channel] = [ch for _, ch in pairs]
+        self.weights: list[Tensor] = [ch.weight for ch in self.channels]
+        folded = self.criterion == "folded"
+        #: operator arguments of each channel (empty for a weight alone, the paper's case)
+        self._channel_args = [
+            ch.op_args(folded) if ch.has_bn or ch.bias is not None or ch.prelu is not None else ()
+            for ch in self.channels
+        ]
         self._used = [
             torch.zeros(w.shape[0], dtype=torch.bool, device=w.device) for w in self.weights
         ]
@@ -281,6 +265,24 @@ class Reactivator:
         self.dropped_records = 0
         self._handles: list[Any] = []
         self._loaded: dict[str, Any] | None = None
+
+    @classmethod
+    def from_model(
+        cls,
+        model: nn.Module,
+        layers: str | Iterable[str] | None = None,
+        *,
+        criterion: str = "folded",
+        **kwargs: Any,
+    ) -> Reactivator:
+        """A Reactivator of whole channels of ``model``: each layer in ``layers`` (module or
+        parameter names; default: the first conv, the paper's layer) with the BatchNorm and
+        per-channel PReLU that follow it, found by :func:`craft_ext.channels_of` (registration
+        order and channel count; iresnet and MobileFaceNet stems and blocks). ``criterion``
+        defaults to ``"folded"``; other keyword arguments are the constructor's.
+        """
+        channels = channels_of(model, layers)
+        return cls([(ch.name, ch) for ch in channels], criterion=criterion, **kwargs)
 
     # -- attaching --------------------------------------------------------------------------
 
@@ -386,11 +388,12 @@ class Reactivator:
                 if log is None:
                     log = self._logs[i] = _Log(w)
                 bufs = []  # as _state_tensors
-                st = state.get(w)
-                if st:
-                    for v in st.values():
-                        if isinstance(v, Tensor):
-                            bufs.append(v)
+                for p in self.channels[i].params():
+                    st = state.get(p)
+                    if st:
+                        for v in st.values():
+                            if isinstance(v, Tensor):
+                                bufs.append(v)
                 args = (
                     w,
                     self._used[i],
@@ -401,10 +404,11 @@ class Reactivator:
                     len(log.seq),
                     self._weight_gens[i],
                 )
+                extra = self._channel_args[i]
                 if fast is not None and w.is_cpu:
-                    fast(*args, self.threshold, self.method)
+                    fast(*args, self.threshold, self.method, *extra)
                 else:
-                    _reactivate_and_record_checked(*args, self.method, self.threshold, None)
+                    _reactivate_and_record_checked(*args, self.method, self.threshold, None, extra)
                 # as _close_slot
                 self._seq += 1
                 log.seq.append(self._seq)
@@ -422,23 +426,26 @@ class Reactivator:
             w,
             self._used[i],
             self._total[i],
-            self._state_tensors(w),
+            self._state_tensors(i),
             self._weight_gens[i],
             self.method,
             self.threshold,
             None,
+            self._channel_args[i],
         )
 
-    def _state_tensors(self, weight: Tensor) -> list[Tensor]:
-        """The attached optimizer's state tensors of ``weight`` (any shape; the ops skip those
-        not shaped like it)."""
+    def _state_tensors(self, i: int) -> list[Tensor]:
+        """The attached optimizer's state tensors of channel ``i``'s trainable tensors (weight,
+        bias, gamma, beta, slope; any shape: the ops reset those shaped like the weight or
+        [N] and skip the rest)."""
         bufs: list[Tensor] = []
         if self.optimizer is not None:
-            state = self.optimizer.state.get(weight)
-            if state:
-                for v in state.values():  # a loop: no comprehension frame on the hot path
-                    if isinstance(v, Tensor):
-                        bufs.append(v)
+            for p in self.channels[i].params():
+                state = self.optimizer.state.get(p)
+                if state:
+                    for v in state.values():  # a loop: no comprehension frame on the hot path
+                        if isinstance(v, Tensor):
+                            bufs.append(v)
         return bufs
 
     @staticmethod
@@ -576,6 +583,7 @@ class Reactivator:
             "names": list(self.names),
             "method": self.method,
             "threshold": self.threshold,
+            "criterion": self.criterion,
             "steps": self.steps,
             "calls": self.calls,
             "used": [u.clone() for u in self._used],

@@ -18,7 +18,10 @@ import torch
 from torch import Tensor
 
 __all__ = [
+    "CHANNEL_RULES",
     "filter_stats",
+    "folded_scale",
+    "rewrite_channel_",
     "reactivate_",
     "reactivate_and_reset_",
     "reactivation_inputs",
@@ -35,7 +38,29 @@ def _rows(weight: Tensor) -> Tensor:
     return weight.reshape(weight.shape[0], -1)
 
 
-def filter_stats(weight: Tensor) -> tuple[Tensor, Tensor, Tensor, Tensor]:
+def folded_scale(bn_weight: Tensor | None, running_var: Tensor, eps: float) -> Tensor:
+    """Per-channel scale of a BatchNorm folded into the filters before it, float32 [N]::
+
+        s_i = gamma_i / sqrt(running_var_i + eps)        (gamma_i = 1 when bn_weight is None)
+
+    computed in float32 (``eps`` rounded to float32, then add, correctly rounded sqrt, divide).
+    In eval mode BN(conv_i(x)) = s_i * conv_i(x) + const, so ``w_i * s_i`` is the filter the
+    network really applies. NaN / Inf in gamma or var give a NaN / Inf scale (such a channel is
+    neither inactive nor a donor).
+    """
+    v = running_var.to(torch.float32)
+    denom = torch.sqrt(v + eps)
+    if bn_weight is None:
+        return torch.ones_like(denom) / denom
+    return bn_weight.to(torch.float32) / denom
+
+
+def filter_stats(
+    weight: Tensor,
+    bn_weight: Tensor | None = None,
+    running_var: Tensor | None = None,
+    eps: float = 1e-5,
+) -> tuple[Tensor, Tensor, Tensor, Tensor]:
     """Per-filter ``(max_abs, l1, mean, std)`` of ``weight`` [N, ...], each float32 [N].
 
     With filter i flattened to x_i of K elements::
@@ -46,11 +71,20 @@ def filter_stats(weight: Tensor) -> tuple[Tensor, Tensor, Tensor, Tensor]:
 
     computed in float32 from any floating input dtype. A NaN anywhere in a filter makes all
     four of its statistics NaN (an Inf makes ``max_abs`` and ``l1`` Inf).
+
+    Folded (``running_var`` given): the statistics of the filter the network applies through
+    the BatchNorm that follows it, ``x_i * s_i`` with s = :func:`folded_scale`; each raw float32
+    statistic is multiplied by ``|s_i|`` (``mean`` by ``s_i``), one float32 product. Since
+    rounding is monotonic, ``max_abs`` is then exactly max_k fl(|x_ik| * |s_i|).
     """
     x = _rows(weight).to(torch.float32)
     max_abs = x.abs().amax(dim=1)
     l1 = x.abs().sum(dim=1)
     std, mean = torch.std_mean(x, dim=1, correction=0)
+    if running_var is not None:
+        s = folded_scale(bn_weight, running_var, eps)
+        a = s.abs()
+        return max_abs * a, l1 * a, mean * s, std * a
     return max_abs, l1, mean, std
 
 
@@ -113,6 +147,70 @@ def craft_donors(
     return donor, newly_used
 
 
+#: The per-channel entries that follow a watched filter row, in schema order: the conv / linear
+#: bias, the BatchNorm weight (gamma), bias (beta), running mean and running variance, and the
+#: per-channel PReLU slope. Each is a [N] tensor (one entry per filter) or absent.
+CHANNEL_ENTRIES = ("bias", "bn_weight", "bn_bias", "running_mean", "running_var", "prelu")
+
+#: How a reactivation rewrites entry ``t`` of a reactivated channel i, per method (see
+#: :func:`rewrite_channel_`): ``"neg"``: ``t[i] = -t[d]``, ``"copy"``: ``t[i] = t[d]``, a number:
+#: ``t[i] = number``, None: left as it is; d is the donor (craft) or the source (scaled_gaussian).
+#:
+#: * craft: the whole channel becomes the complement of its donor's *through* BN. With
+#:   w_i = -w_d, b_i = -b_d, gamma_i = gamma_d, beta_i = -beta_d, mean_i = -mean_d,
+#:   var_i = var_d: BN_i(conv_i(x)) = -BN_d(conv_d(x)) exactly, in train mode (batch statistics
+#:   of a negated map are the negated mean and the same variance) and in eval mode. The PReLU
+#:   slope is the donor's.
+#: * scaled_gaussian: the new filter is drawn from N(mean_s, std_s) of the source filter s, so
+#:   in expectation it has s's element mean and second moment; the channel takes s's bias, gamma,
+#:   running statistics and slope, with beta 0 (no learned offset). Its eval-mode output is then
+#:   about gamma_s-scaled and centred; BN's running averages settle the rest in training.
+#: * random (the baseline): the channel is re-initialised as a freshly built layer: bias 0,
+#:   gamma 1, beta 0, running mean 0, running variance 1 (BatchNorm's reset values), slope kept
+#:   (its initial value is the model's choice; a slope does not kill a channel).
+CHANNEL_RULES: dict[str, dict[str, str | float | None]] = {
+    "bias": {"craft": "neg", "scaled_gaussian": "copy", "random": 0.0},
+    "bn_weight": {"craft": "copy", "scaled_gaussian": "copy", "random": 1.0},
+    "bn_bias": {"craft": "neg", "scaled_gaussian": 0.0, "random": 0.0},
+    "running_mean": {"craft": "neg", "scaled_gaussian": "copy", "random": 0.0},
+    "running_var": {"craft": "copy", "scaled_gaussian": "copy", "random": 1.0},
+    "prelu": {"craft": "copy", "scaled_gaussian": "copy", "random": None},
+}
+
+
+def rewrite_channel_(
+    reactivated: Tensor,
+    donor: Tensor,
+    method: str,
+    bias: Tensor | None = None,
+    bn_weight: Tensor | None = None,
+    bn_bias: Tensor | None = None,
+    running_mean: Tensor | None = None,
+    running_var: Tensor | None = None,
+    prelu: Tensor | None = None,
+) -> None:
+    """Rewrite the per-channel entries of the reactivated channels in place.
+
+    For every given [N] tensor t (see :data:`CHANNEL_ENTRIES`) and every i with
+    ``reactivated[i]``, ``t[i]`` becomes what :data:`CHANNEL_RULES` says for ``method``, with
+    ``d = donor[i]``; other entries are unchanged. Copies and negations are exact in every
+    dtype, so every backend gives the same bits.
+    """
+    src = donor.clamp(min=0)
+    tensors = (bias, bn_weight, bn_bias, running_mean, running_var, prelu)
+    for name, t in zip(CHANNEL_ENTRIES, tensors, strict=True):
+        rule = CHANNEL_RULES[name][method]
+        if t is None or rule is None:
+            continue
+        if rule == "copy":
+            new = t.index_select(0, src)
+        elif rule == "neg":
+            new = -t.index_select(0, src)
+        else:
+            new = torch.full_like(t, float(rule))  # type: ignore[arg-type]
+        t.copy_(torch.where(reactivated, new, t))
+
+
 def reactivate_(
     weight: Tensor,
     used: Tensor,
@@ -121,21 +219,38 @@ def reactivate_(
     noise: Tensor | None,
     threshold: float,
     method: str,
+    bias: Tensor | None = None,
+    bn_weight: Tensor | None = None,
+    bn_bias: Tensor | None = None,
+    running_mean: Tensor | None = None,
+    running_var: Tensor | None = None,
+    prelu: Tensor | None = None,
+    eps: float = 1e-5,
+    folded: bool = False,
 ) -> tuple[Tensor, Tensor, Tensor, Tensor]:
     """Reactivate the inactive filters of ``weight`` [N, ...] in place.
 
-    Filter i is *inactive* when ``max_abs[i] <= threshold`` (threshold rounded to float32, the
-    comparison in float32); *active* when it is not inactive and its L1 norm is finite. Filters
-    holding NaN or Inf are neither: they are never donors and are left unchanged.
+    Detection. With the float32 statistics of :func:`filter_stats` and a = 1 (``folded``
+    False, the paper's rule) or a = |:func:`folded_scale`| (``folded``: the filter the network
+    applies through the BatchNorm that follows, gamma / sqrt(running_var + eps))::
+
+        strength_max[i] = max_abs[i] * a[i]       strength_l1[i] = l1[i] * a[i]
+
+    (float32 products; with a = 1 the raw statistics). Filter i is *inactive* when
+    ``strength_max[i] <= threshold`` (threshold rounded to float32), *active* when it is not
+    inactive and ``strength_l1[i]`` is finite. Filters holding NaN or Inf, and channels whose
+    gamma or variance is NaN / Inf, are neither: never donors, left unchanged.
 
     * ``"craft"``: each inactive filter becomes the negative of its donor from
-      :func:`craft_donors`; ``used`` |= the donors spent by this call.
-    * ``"scaled_gaussian"``: with s the active filter of largest L1 norm (lowest index on ties),
-      each inactive filter becomes ``mean[s] + std[s] * noise[i]`` (float32, then cast);
-      ``donor[i] = s``.
+      :func:`craft_donors` (donors ranked by ``strength_l1``); ``used`` |= the donors spent.
+    * ``"scaled_gaussian"``: with s the active filter of largest ``strength_l1`` (lowest index
+      on ties), each inactive filter becomes ``mean[s] + std[s] * noise[i]`` (raw weight
+      statistics, float32, then cast); ``donor[i] = s``.
     * ``"random"``: each inactive filter becomes ``noise[i] * sqrt(2 / K)`` (He / Kaiming
       normal, fan-in K); ``donor[i] = -1``. This works even with no active filter.
 
+    Then the channel entries that are given (``bias`` .. ``prelu``, [N] each) are rewritten for
+    the reactivated filters by :func:`rewrite_channel_`, so that the whole channel is alive.
     ``craft`` and ``scaled_gaussian`` leave a layer with no active filter unchanged.
     Returns ``(inactive, reactivated, donor, count)``: bool [N] before the call, bool [N],
     int64 [N] (-1 where none), and int64 [] = ``reactivated.sum()``.
@@ -144,8 +259,12 @@ def reactivate_(
     rows = _rows(weight)
     k = rows.shape[1]
     max_abs, l1, mean, std = filter_stats(rows)
-    thr = torch.tensor(threshold, dtype=torch.float32, device=weight.device)
-    inactive = max_abs <= thr
+    if folded:
+        if running_var is None:
+            raise ValueError("folded detection needs running_var")
+        a = folded_scale(bn_weight, running_var, eps).abs()
+        max_abs, l1 = max_abs * a, l1 * a
+    inactive = max_abs <= threshold  # a Python float: compared after rounding to float32
     active = ~inactive & torch.isfinite(l1)
     any_active = active.any()
 
@@ -171,6 +290,9 @@ def reactivate_(
         raise ValueError(f"unknown method {method!r}")
 
     weight.copy_(torch.where(reactivated[:, None], new, rows).view(weight.shape))
+    rewrite_channel_(
+        reactivated, donor, method, bias, bn_weight, bn_bias, running_mean, running_var, prelu
+    )
     return inactive, reactivated, donor, reactivated.sum()
 
 
@@ -199,28 +321,59 @@ def reactivate_and_reset_(
     generator: torch.Generator | None,
     threshold: float,
     method: str,
+    bias: Tensor | None = None,
+    bn_weight: Tensor | None = None,
+    bn_bias: Tensor | None = None,
+    running_mean: Tensor | None = None,
+    running_var: Tensor | None = None,
+    prelu: Tensor | None = None,
+    eps: float = 1e-5,
+    folded: bool = False,
     *,
     reactivate: Callable[..., tuple[Tensor, ...]] | None = None,
 ) -> tuple[Tensor, Tensor, Tensor, Tensor]:
     """One reactivation as :class:`craft_ext.Reactivator` runs it after an optimizer step.
 
     Draws :func:`reactivation_inputs`, runs ``reactivate`` (default :func:`reactivate_`; the
-    Python API passes the backend's operator), then for every reactivated filter i::
+    Python API passes the backend's operator) with the channel arguments, then for every
+    reactivated filter i::
 
-        buf[i, ...] = 0     for every buf in ``state`` with buf.shape == weight.shape
-                            (and on weight's device; other tensors are left alone)
+        buf[i, ...] = 0     for every buf in ``state`` on weight's device shaped like weight,
+                            or shaped [N] (the state of a channel entry: gamma, beta, slope,
+                            bias); other tensors (e.g. Adam's scalar step) are left alone
         total += count
 
-    so that a new filter does not inherit the optimizer state (momentum, Adam moments) of the
-    dead filter it replaces. ``masked_fill_`` also clears NaN / Inf, which a multiply by 0
+    so that a new channel does not inherit the optimizer state (momentum, Adam moments) of the
+    dead channel it replaces. ``masked_fill_`` also clears NaN / Inf, which a multiply by 0
     would keep. Returns :func:`reactivate_`'s ``(inactive, reactivated, donor, count)``.
     """
     order_key, fallback_u, noise = reactivation_inputs(weight, generator, method)
-    out = (reactivate or reactivate_)(weight, used, order_key, fallback_u, noise, threshold, method)
-    mask = out[1].view(weight.shape[0], *([1] * (weight.dim() - 1)))
+    out = (reactivate or reactivate_)(
+        weight,
+        used,
+        order_key,
+        fallback_u,
+        noise,
+        threshold,
+        method,
+        bias,
+        bn_weight,
+        bn_bias,
+        running_mean,
+        running_var,
+        prelu,
+        eps,
+        folded,
+    )
+    n = weight.shape[0]
+    mask = out[1].view(n, *([1] * (weight.dim() - 1)))
     for buf in state:
-        if buf.shape == weight.shape and buf.device == weight.device:
+        if buf.device != weight.device:
+            continue
+        if buf.shape == weight.shape:
             buf.masked_fill_(mask, 0)
+        elif buf.shape == (n,):
+            buf.masked_fill_(out[1], 0)
     total.add_(out[3])
     return out  # type: ignore[return-value]
 
@@ -236,6 +389,14 @@ def reactivate_and_record_(
     generator: torch.Generator | None,
     threshold: float,
     method: str,
+    bias: Tensor | None = None,
+    bn_weight: Tensor | None = None,
+    bn_bias: Tensor | None = None,
+    running_mean: Tensor | None = None,
+    running_var: Tensor | None = None,
+    prelu: Tensor | None = None,
+    eps: float = 1e-5,
+    folded: bool = False,
     *,
     reactivate: Callable[..., tuple[Tensor, ...]] | None = None,
 ) -> None:
@@ -251,7 +412,22 @@ def reactivate_and_record_(
     pair per watched weight), so a step with ``interval=1`` creates no tensor to hold.
     """
     out = reactivate_and_reset_(
-        weight, used, total, state, generator, threshold, method, reactivate=reactivate
+        weight,
+        used,
+        total,
+        state,
+        generator,
+        threshold,
+        method,
+        bias,
+        bn_weight,
+        bn_bias,
+        running_mean,
+        running_var,
+        prelu,
+        eps,
+        folded,
+        reactivate=reactivate,
     )
     reactivated_log[slot] = out[1]
     donor_log[slot] = out[2]

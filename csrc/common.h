@@ -5,7 +5,9 @@
 #include <torch/library.h>
 
 #include <algorithm>
+#include <array>
 #include <numeric>
+#include <optional>
 #include <string>
 #include <vector>
 
@@ -20,6 +22,83 @@ inline Method parse_method(c10::string_view method) {
   if (method == "random") return Method::kRandom;
   TORCH_CHECK(false, "craft_ext: method must be one of 'craft', 'scaled_gaussian', 'random'; got '",
               std::string(method), "'");
+}
+
+// The channel that follows the filters of a watched weight [N, ...] (reference.CHANNEL_ENTRIES):
+// optional [N] tensors, in schema order, that reactivate_ rewrites for reactivated filters,
+// plus the BN eps and whether detection folds the BN scale into the filters.
+struct Channel {
+  static constexpr int kEntries = 6;
+  // bias, bn_weight, bn_bias, running_mean, running_var, prelu
+  std::array<std::optional<at::Tensor>, kEntries> entries;
+  double eps = 1e-5;
+  bool folded = false;
+
+  const std::optional<at::Tensor>& bn_weight() const { return entries[1]; }
+  const std::optional<at::Tensor>& running_var() const { return entries[4]; }
+  bool any() const {
+    for (const auto& e : entries) {
+      if (e.has_value() && e->defined()) return true;
+    }
+    return false;
+  }
+};
+
+inline Channel make_channel(const std::optional<at::Tensor>& bias,
+                            const std::optional<at::Tensor>& bn_weight,
+                            const std::optional<at::Tensor>& bn_bias,
+                            const std::optional<at::Tensor>& running_mean,
+                            const std::optional<at::Tensor>& running_var,
+                            const std::optional<at::Tensor>& prelu, double eps, bool folded) {
+  Channel ch;
+  ch.entries = {bias, bn_weight, bn_bias, running_mean, running_var, prelu};
+  for (auto& e : ch.entries) {
+    if (e.has_value() && !e->defined()) e.reset();
+  }
+  ch.eps = eps;
+  ch.folded = folded;
+  return ch;
+}
+
+inline const char* channel_entry_name(int entry) {
+  static const char* names[Channel::kEntries] = {"bias",         "bn_weight",   "bn_bias",
+                                                 "running_mean", "running_var", "prelu"};
+  return names[entry];
+}
+
+// How reactivation rewrites entry t[i] of a reactivated channel i with donor / source d
+// (reference.CHANNEL_RULES): keep, t[d], -t[d], 0 or 1.
+enum class ChannelRule { kKeep, kCopy, kNeg, kZero, kOne };
+
+inline ChannelRule channel_rule(int entry, Method method) {
+  using R = ChannelRule;
+  //                                        craft     scaled_gaussian  random
+  static const R rules[Channel::kEntries][3] = {{R::kNeg, R::kCopy, R::kZero},    // bias
+                                                {R::kCopy, R::kCopy, R::kOne},    // bn_weight
+                                                {R::kNeg, R::kZero, R::kZero},    // bn_bias
+                                                {R::kNeg, R::kCopy, R::kZero},    // running_mean
+                                                {R::kCopy, R::kCopy, R::kOne},    // running_var
+                                                {R::kCopy, R::kCopy, R::kKeep}};  // prelu
+  return rules[entry][static_cast<int>(method)];
+}
+
+// The channel's entries are [N] floating tensors on the weight's device, and folded detection
+// has a running variance. Checked before anything is drawn or written.
+inline void check_channel(const Channel& ch, const at::Tensor& weight, const char* op) {
+  const int64_t n = weight.size(0);
+  for (int e = 0; e < Channel::kEntries; ++e) {
+    const auto& t = ch.entries[e];
+    if (!t.has_value()) continue;
+    const auto dtype = t->scalar_type();
+    TORCH_CHECK(t->dim() == 1 && t->size(0) == n && t->device() == weight.device() &&
+                    (dtype == at::kFloat || dtype == at::kDouble || dtype == at::kHalf ||
+                     dtype == at::kBFloat16),
+                op, ": ", channel_entry_name(e), " must be a float [", n, "] tensor on ",
+                weight.device(), " (one entry per filter), got ", dtype, " of shape ",
+                t->sizes(), " on ", t->device());
+  }
+  TORCH_CHECK(!ch.folded || ch.running_var().has_value(), op,
+              ": folded detection needs running_var (the BatchNorm that follows the filters)");
 }
 
 // Permutation of the dims of `t` (dim 0 first, then dims 1.. by decreasing stride) under which

@@ -31,32 +31,51 @@ TORCH_LIBRARY(craft_ext, m) {
   // Per-filter statistics of weight [N, ...] viewed as [N, K]: max |w|, sum |w|, mean and
   // standard deviation (correction 0). All four float32 [N]. NaN anywhere in a filter makes
   // its max_abs, l1, mean and std NaN.
-  m.def("filter_stats(Tensor weight) -> (Tensor, Tensor, Tensor, Tensor)");
+  // With running_var (BN folded in, the filter the network applies): each statistic of
+  // w_i * s_i, s_i = bn_weight_i / sqrt(running_var_i + eps) in float32 (bn_weight None: 1),
+  // i.e. max_abs, l1, std times |s_i| and mean times s_i, one float32 product per filter.
+  m.def(
+      "filter_stats(Tensor weight, Tensor? bn_weight=None, Tensor? running_var=None, "
+      "float eps=1e-05) -> (Tensor, Tensor, Tensor, Tensor)");
   // In-place CRAFT reactivation (Bhatta et al., arXiv 2312.00072, sec. 4.3). Random inputs
   // are drawn by the caller so every backend computes the same function of its inputs:
   //   order_key  float32 [N], uniform [0, 1): random order of the inactive filters
   //   fallback_u float32 [N], uniform [0, 1): donor draw when unspent donors run out
   //   noise      float32, shaped like weight, standard normal (scaled_gaussian / random only)
+  // The channel that follows the filters (each an optional [N] tensor, any float dtype):
+  // conv bias, BatchNorm weight / bias / running_mean / running_var and PReLU slope. Given
+  // entries of reactivated channels are rewritten (reference.CHANNEL_RULES: craft makes the
+  // channel the complement of its donor through BN). folded: detect and rank on the filter
+  // folded with its BN, max |w_i| * |s_i| and l1_i * |s_i|, s = bn_weight / sqrt(var + eps).
   // Returns (inactive bool [N], reactivated bool [N], donor int64 [N], count int64 []).
   m.def(
       "reactivate_(Tensor(a!) weight, Tensor(b!) used, Tensor order_key, Tensor fallback_u, "
-      "Tensor? noise, float threshold, str method) -> (Tensor, Tensor, Tensor, Tensor)");
+      "Tensor? noise, float threshold, str method, Tensor(c!)? bias=None, "
+      "Tensor(d!)? bn_weight=None, Tensor(e!)? bn_bias=None, Tensor(f!)? running_mean=None, "
+      "Tensor(g!)? running_var=None, Tensor(h!)? prelu=None, float eps=1e-05, "
+      "bool folded=False) -> (Tensor, Tensor, Tensor, Tensor)");
   // reactivate_ as craft_ext.Reactivator runs it after an optimizer step: draws order_key,
   // fallback_u (torch.rand(N) twice) and, except for craft, noise (torch.randn(weight.shape)),
-  // all float32, from `generator`; calls reactivate_; zeroes the rows of reactivated filters
-  // in every tensor of `state` shaped like weight (optimizer state: momentum, Adam moments;
-  // others are left alone) and adds the count to `total` (int64 []). Same returns.
+  // all float32, from `generator`; calls reactivate_ (channel arguments as there); zeroes the
+  // rows of reactivated filters in every tensor of `state` shaped like weight or [N] (optimizer
+  // state of the weight and of the channel entries: momentum, Adam moments; others are left
+  // alone) and adds the count to `total` (int64 []). Same returns.
   m.def(
       "reactivate_and_reset_(Tensor(a!) weight, Tensor(b!) used, Tensor(c!) total, "
-      "Tensor(d!)[] state, Generator? generator, float threshold, str method) "
-      "-> (Tensor, Tensor, Tensor, Tensor)");
+      "Tensor(d!)[] state, Generator? generator, float threshold, str method, "
+      "Tensor(e!)? bias=None, Tensor(f!)? bn_weight=None, Tensor(g!)? bn_bias=None, "
+      "Tensor(h!)? running_mean=None, Tensor(i!)? running_var=None, Tensor(j!)? prelu=None, "
+      "float eps=1e-05, bool folded=False) -> (Tensor, Tensor, Tensor, Tensor)");
   // Overload .record: reactivate_and_reset_ writing reactivated and donor into row `slot` of
   // reactivated_log (bool [R, N]) and donor_log (int64 [R, N]) instead of returning them: the
   // per-step hook of craft_ext.Reactivator, which keeps its pending events in such logs.
   m.def(
       "reactivate_and_reset_.record(Tensor(a!) weight, Tensor(b!) used, Tensor(c!) total, "
       "Tensor(d!)[] state, Tensor(e!) reactivated_log, Tensor(f!) donor_log, int slot, "
-      "Generator? generator, float threshold, str method) -> ()");
+      "Generator? generator, float threshold, str method, Tensor(g!)? bias=None, "
+      "Tensor(h!)? bn_weight=None, Tensor(i!)? bn_bias=None, Tensor(j!)? running_mean=None, "
+      "Tensor(k!)? running_var=None, Tensor(l!)? prelu=None, float eps=1e-05, "
+      "bool folded=False) -> ()");
   // Feature-map statistics of fmap [B, C, H, W] (Diba & Khosravi, IASC 2023): per-map sums
   // float32 [B, C]; Pearson correlations of the maps of each sample, float32 [B, C, C] when
   // return_corr (else an empty [B, 0, 0]); empty = |sum| <= sum_threshold and redundant = some

@@ -90,6 +90,11 @@ def _filter_stats_kernel(
     n_rows,
     k,
     row_stride,
+    gamma_ptr,
+    var_ptr,
+    eps,
+    FOLD: tl.constexpr,
+    HAS_GAMMA: tl.constexpr,
     BLOCK_N: tl.constexpr,
     BLOCK_K: tl.constexpr,
 ):
@@ -107,7 +112,11 @@ def _filter_stats_kernel(
 
         d = m_b - m_a;  n = n_a + n_b;  m = m_a + d * n_b / n;  M2 = M2_a + M2_b + d^2 n_a n_b / n
 
-    which stays accurate when |mean| >> std (no sum-of-squares cancellation). Float64
+    which stays accurate when |mean| >> std (no sum-of-squares cancellation). With FOLD, the
+    epilogue folds in the BatchNorm after the filters: s_i = gamma_i / sqrt(var_i + eps)
+    (float32 [N] ``gamma`` (1 without HAS_GAMMA) and ``var``; IEEE-rounded sqrt and divide),
+    and max_abs, l1, std are multiplied by |s_i|, mean by s_i (the filter the network
+    applies; still one pass over the weight). Float64
     accumulators keep the float32 results within rounding of the exact statistics of the
     float32-rounded inputs even when a filter's elements cancel (mean << mean |x|), like
     torch's CPU std_mean. A NaN in a row makes its four outputs NaN (it propagates through the
@@ -149,34 +158,80 @@ def _filter_stats_kernel(
     run_max = tl.where(is_nan, nan, run_max)
     std = tl.sqrt(tl.maximum(run_m2, 0.0) / run_n)
     std = tl.where(run_m2 != run_m2, nan, std)
+    out_l1 = run_l1.to(tl.float32)
+    out_mean = run_mean.to(tl.float32)
+    out_std = std.to(tl.float32)
+    if FOLD:
+        var = tl.load(var_ptr + rows, mask=row_ok, other=1.0)
+        if HAS_GAMMA:
+            gamma = tl.load(gamma_ptr + rows, mask=row_ok, other=1.0)
+        else:
+            gamma = tl.full((BLOCK_N,), 1.0, tl.float32)
+        s = tl.div_rn(gamma, tl.sqrt_rn(var + eps))
+        a = tl.abs(s)
+        run_max = run_max * a
+        out_l1 = out_l1 * a
+        out_mean = out_mean * s
+        out_std = out_std * a
     tl.store(max_ptr + rows, run_max, mask=row_ok)
-    tl.store(l1_ptr + rows, run_l1.to(tl.float32), mask=row_ok)
-    tl.store(mean_ptr + rows, run_mean.to(tl.float32), mask=row_ok)
-    tl.store(std_ptr + rows, std.to(tl.float32), mask=row_ok)
+    tl.store(l1_ptr + rows, out_l1, mask=row_ok)
+    tl.store(mean_ptr + rows, out_mean, mask=row_ok)
+    tl.store(std_ptr + rows, out_std, mask=row_ok)
 
 
-def launch_filter_stats(rows: Tensor) -> tuple[Tensor, Tensor, Tensor, Tensor]:
-    """Run the stats kernel on ``rows`` [N, K] (unit column stride); four float32 [N]."""
+def launch_filter_stats(
+    rows: Tensor,
+    bn_weight: Tensor | None = None,
+    running_var: Tensor | None = None,
+    eps: float = 1e-5,
+) -> tuple[Tensor, Tensor, Tensor, Tensor]:
+    """Run the stats kernel on ``rows`` [N, K] (unit column stride); four float32 [N].
+
+    With ``running_var`` (and ``bn_weight``) [N], the statistics of the filters folded with
+    that BatchNorm."""
     n, k = rows.shape
     outs = [torch.empty(n, dtype=torch.float32, device=rows.device) for _ in range(4)]
+    fold = running_var is not None
+    var = running_var.to(torch.float32).contiguous() if fold else outs[0]  # placeholder ptr
+    gamma = bn_weight.to(torch.float32).contiguous() if bn_weight is not None else var
     block_n, block_k = tile_shape(n, k, rows.device)
     grid = (triton.cdiv(n, block_n),)
     torch.library.wrap_triton(_filter_stats_kernel)[grid](
-        rows, *outs, n, k, rows.stride(0), BLOCK_N=block_n, BLOCK_K=block_k
+        rows,
+        *outs,
+        n,
+        k,
+        rows.stride(0),
+        gamma,
+        var,
+        float(eps),
+        FOLD=fold,
+        HAS_GAMMA=bn_weight is not None,
+        BLOCK_N=block_n,
+        BLOCK_K=block_k,
     )
     return outs[0], outs[1], outs[2], outs[3]
 
 
 @torch.library.triton_op("craft_ext::filter_stats_triton", mutates_args=())
-def filter_stats_triton(weight: Tensor) -> tuple[Tensor, Tensor, Tensor, Tensor]:
+def filter_stats_triton(
+    weight: Tensor,
+    bn_weight: Tensor | None = None,
+    running_var: Tensor | None = None,
+    eps: float = 1e-5,
+) -> tuple[Tensor, Tensor, Tensor, Tensor]:
     """Per-filter ``(max_abs, l1, mean, std)`` of ``weight`` [N, ...]; each float32 [N].
 
     ``max_abs = max |w|``, ``l1 = sum |w|``, ``mean = sum w / K``,
     ``std = sqrt(sum (w - mean)^2 / K)`` over the K = numel / N elements of each filter,
-    accumulated in float32 from any float dtype and any layout (see the module docs).
+    accumulated in float32 from any float dtype and any layout (see the module docs). With
+    ``running_var`` [N] (and ``bn_weight`` [N], else 1): the statistics of ``w_i * s_i``,
+    s_i = bn_weight_i / sqrt(running_var_i + eps), the filter as its BatchNorm applies it.
     Semantics of ``craft_ext.reference.filter_stats``; CRAFT, Bhatta et al., arXiv 2312.00072.
     """
+    if bn_weight is not None and running_var is None:
+        raise ValueError("craft_ext: bn_weight needs running_var (folded statistics)")
     rows = filter_rows(weight)
     if rows is None:
         rows = weight.reshape(weight.shape[0], -1).contiguous()
-    return launch_filter_stats(rows)
+    return launch_filter_stats(rows, bn_weight, running_var, eps)

@@ -10,7 +10,11 @@ arXiv 2312.00072, sec. 4.3. The steps, all on the device and without a host sync
 2. inactive / active masks, and the donor pairing of ``craft_ext.reference.craft_donors``
    (torch.sort / scatter on [N] vectors) or the scaled-Gaussian source (argmax of L1);
 3. :func:`_rewrite_rows_kernel` overwrites the reactivated rows in place; ``used`` is updated
-   with a torch op (it may be strided).
+   with a torch op (it may be strided);
+4. the channel entries that follow the filters (conv bias, BatchNorm weight / bias / running
+   statistics, PReLU slope; [N] vectors) are rewritten with torch ops
+   (``craft_ext.reference.rewrite_channel_``). With ``folded``, step 2 ranks and detects on the
+   statistics times |gamma / sqrt(running_var + eps)|: the filters as the BatchNorm applies them.
 
 The semantics are exactly those of ``craft_ext.reference.reactivate_``.
 """
@@ -22,7 +26,7 @@ import triton
 import triton.language as tl
 from torch import Tensor
 
-from craft_ext.reference import craft_donors
+from craft_ext.reference import craft_donors, folded_scale, rewrite_channel_
 
 from .filter_stats import filter_rows, rows_like, tile_shape
 
@@ -99,7 +103,19 @@ def _rewrite_rows_kernel(
         tl.store(out_base + cols, new.to(w_ptr.dtype.element_ty), mask=mask)
 
 
-@torch.library.triton_op("craft_ext::reactivate_triton_", mutates_args={"weight", "used"})
+@torch.library.triton_op(
+    "craft_ext::reactivate_triton_",
+    mutates_args={
+        "weight",
+        "used",
+        "bias",
+        "bn_weight",
+        "bn_bias",
+        "running_mean",
+        "running_var",
+        "prelu",
+    },
+)
 def reactivate_triton_(
     weight: Tensor,
     used: Tensor,
@@ -108,6 +124,14 @@ def reactivate_triton_(
     noise: Tensor | None,
     threshold: float,
     method: str,
+    bias: Tensor | None = None,
+    bn_weight: Tensor | None = None,
+    bn_bias: Tensor | None = None,
+    running_mean: Tensor | None = None,
+    running_var: Tensor | None = None,
+    prelu: Tensor | None = None,
+    eps: float = 1e-5,
+    folded: bool = False,
 ) -> tuple[Tensor, Tensor, Tensor, Tensor]:
     """Reactivate the inactive filters of ``weight`` [N, ...] in place (CRAFT).
 
@@ -122,7 +146,9 @@ def reactivate_triton_(
     Args: weight [N, ...] any float dtype and layout (modified in place); used bool [N]
     (modified in place); order_key, fallback_u float32 [N] uniform; noise float32 shaped like
     weight (None for craft); threshold >= 0; method ``craft`` / ``scaled_gaussian`` /
-    ``random``.
+    ``random``; the channel entries ``bias`` .. ``prelu`` (optional [N], rewritten for the
+    reactivated filters by ``craft_ext.reference.rewrite_channel_``: [N] vectors, torch ops);
+    ``folded``: detect and rank by max_abs and l1 times |bn_weight / sqrt(running_var + eps)|.
 
     Returns ``(inactive bool [N], reactivated bool [N], donor int64 [N], count int64 [])``,
     as ``craft_ext.reference.reactivate_``. Bhatta et al., arXiv 2312.00072, sec. 4.3.
@@ -141,8 +167,12 @@ def reactivate_triton_(
     a = x.abs()
     max_abs, l1 = a.amax(dim=1), a.sum(dim=1)
     mean = std = l1  # placeholders, read by the kernel for scaled_gaussian only
-    thr = torch.tensor(threshold, dtype=torch.float32, device=device)
-    inactive = max_abs <= thr
+    if folded:
+        if running_var is None:
+            raise ValueError("craft_ext: folded detection needs running_var")
+        scale = folded_scale(bn_weight, running_var, eps).abs()
+        max_abs, l1 = max_abs * scale, l1 * scale
+    inactive = max_abs <= threshold  # a Python float: compared in float32, no host copy
     active = ~inactive & torch.isfinite(l1)
     any_active = active.any()
 
@@ -189,4 +219,7 @@ def reactivate_triton_(
         used.logical_or_(newly_used)
     if target is not weight:
         weight.copy_(target)
+    rewrite_channel_(
+        reactivated, donor, method, bias, bn_weight, bn_bias, running_mean, running_var, prelu
+    )
     return inactive, reactivated, donor, reactivated.sum()

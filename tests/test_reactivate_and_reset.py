@@ -36,11 +36,19 @@ def planted(shape, rows, *, seed=0, dtype=torch.float32):
 
 def state_like(w, seed=1):
     """Optimizer-like state: two tensors shaped like w (momentum / Adam moments, with a NaN to
-    show masked_fill_ clears it), a scalar ``step``, and a tensor of another shape."""
+    show masked_fill_ clears it), a scalar ``step``, a tensor of another shape (left alone),
+    and an [N] tensor (the state of a channel entry such as BN gamma: its rows are reset)."""
     g = torch.Generator().manual_seed(seed)
     m = torch.randn(w.shape, generator=g)
     m.view(w.shape[0], -1)[:, 0] = float("nan")
-    return [m, torch.rand(w.shape, generator=g), torch.tensor(7.0), torch.ones(w.shape[0])]
+    n = w.shape[0]
+    return [
+        m,
+        torch.rand(w.shape, generator=g),
+        torch.tensor(7.0),
+        torch.ones(n + 1),
+        torch.rand(n, generator=g) + 1,
+    ]
 
 
 def run_both(w, used, state, method, seed, threshold=THR):
@@ -91,7 +99,10 @@ def test_fused_matches_composition(method, dtype, shape):
     assert (m1[reactivated] == 0).all(), "state rows of reactivated filters are zeroed"
     others = state_like(w)[0].view(n, -1)[~reactivated]
     assert torch.equal(m1[~reactivated].nan_to_num(), others.nan_to_num()), "other rows kept"
-    assert torch.equal(a[3][2], torch.tensor(7.0)) and torch.equal(a[3][3], torch.ones(n))
+    assert torch.equal(a[3][2], torch.tensor(7.0)) and torch.equal(a[3][3], torch.ones(n + 1))
+    channel_state = a[3][4]
+    assert (channel_state[reactivated] == 0).all(), "[N] state rows of reactivated channels"
+    assert torch.equal(channel_state[~reactivated], state_like(w)[4][~reactivated])
 
 
 @pytest.mark.parametrize("layout", ["channels_last", "row_slice", "channel_slice"])

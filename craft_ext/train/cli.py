@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import math
 import sys
 
 from .config import parse_config
@@ -23,6 +24,18 @@ def main(argv: list[str] | None = None) -> int:
             f"{trainer.steps_per_epoch} steps, reactivation={cfg.reactivation} "
             f"({', '.join(trainer.watched) or 'no layers'}), device={trainer.device}, "
             f"world={trainer.world}, output={trainer.out}"
+        )
+        d = trainer.decay_budget
+        print(
+            f"craft-train: decay budget D = sum(lr_t) * weight_decay / (1 - momentum) = {d:.3g} "
+            f"over {trainer.total_steps} steps: a weight without useful gradient shrinks by "
+            f"~exp(-D) = {math.exp(-d):.2g} ("
+            + (
+                "first-layer channels are likely to die; --criterion folded detects them"
+                if d >= 5
+                else "little die-off expected"
+            )
+            + ")"
         )
     try:
         summary = trainer.run()

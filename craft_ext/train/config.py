@@ -29,6 +29,7 @@ TOY_DEFAULTS: dict[str, Any] = {
 }
 
 REACTIVATION_METHODS = ("none", "craft", "scaled_gaussian", "random")
+CRITERIA = ("weight", "folded")
 AMP_MODES = ("none", "bf16", "fp16")
 
 
@@ -70,7 +71,8 @@ class TrainConfig:
     channels_last: bool = False
     # CRAFT
     reactivation: str = "craft"
-    reactivate_layers: list[str] = field(default_factory=lambda: ["conv1.weight"])
+    reactivate_layers: list[str] = field(default_factory=list)
+    criterion: str = "weight"
     threshold: float = 1e-3
     reactivate_every: int | None = None
     plant_inactive: int = 0
@@ -80,7 +82,9 @@ class TrainConfig:
     device: str = "auto"
     seed: int = 0
     log_every: int = 10
+    stats_every: int | None = None
     val_every: int | None = None
+    val_every_epochs: int = 1
     save_every: int | None = None
     progress: bool = True
 
@@ -102,6 +106,15 @@ class TrainConfig:
             ),
             (self.amp in AMP_MODES, f"amp must be one of {AMP_MODES}, got {self.amp!r}"),
             (self.threshold >= 0, f"threshold must be >= 0, got {self.threshold}"),
+            (
+                self.criterion in CRITERIA,
+                f"criterion must be one of {CRITERIA}, got {self.criterion!r}",
+            ),
+            (
+                self.stats_every is None or self.stats_every >= 1,
+                "stats_every must be >= 1 (steps) or unset",
+            ),
+            (self.val_every_epochs >= 0, "val_every_epochs must be >= 0"),
             (
                 self.reactivate_every is None or self.reactivate_every >= 1,
                 "reactivate_every must be >= 1 (steps) or unset (epoch end)",
@@ -250,12 +263,22 @@ def build_parser() -> argparse.ArgumentParser:
     g.add_argument("--channels-last", action="store_true", default=None)
     g = p.add_argument_group("CRAFT reactivation")
     g.add_argument(
-        "--reactivation", choices=REACTIVATION_METHODS, help=f"method (default {d.reactivation})"
+        "--reactivation",
+        choices=REACTIVATION_METHODS,
+        help=f"method, run at every epoch end but the last (default {d.reactivation})",
     )
     g.add_argument(
         "--reactivate-layers",
         nargs="+",
-        help="parameter names to watch (default conv1.weight, the paper's)",
+        help="parameter names to watch (default: the first conv, e.g. conv1.weight, the paper's)",
+    )
+    g.add_argument(
+        "--criterion",
+        choices=CRITERIA,
+        help="'weight': a filter is inactive when every |w| <= --threshold (the paper's); "
+        "'folded': when every |w * gamma / sqrt(running_var + eps)| is, with the BatchNorm "
+        "after the layer folded in (finds channels dead through BN), and the whole channel "
+        "(conv row + BN + PReLU entries) is reactivated. Default weight",
     )
     g.add_argument("--threshold", type=float, help="inactive when every |w| <= this (1e-3)")
     g.add_argument(
@@ -278,7 +301,18 @@ def build_parser() -> argparse.ArgumentParser:
     g.add_argument("--device", help="auto | cpu | cuda | cuda:N")
     g.add_argument("--seed", type=int)
     g.add_argument("--log-every", type=int, help="steps between metric records")
+    g.add_argument(
+        "--stats-every",
+        type=int,
+        help="also record the watched layers' filter statistics (raw and BN-folded max |w|, "
+        "L1) every N steps in filter_stats.jsonl (default: epoch ends only)",
+    )
     g.add_argument("--val-every", type=int, help="also verify every N steps")
+    g.add_argument(
+        "--val-every-epochs",
+        type=int,
+        help="verify every N epoch ends (default 1; 0: only after the last epoch)",
+    )
     g.add_argument("--save-every", type=int, help="also checkpoint every N steps")
     g.add_argument("--no-progress", dest="progress", action="store_false", default=None)
     return p

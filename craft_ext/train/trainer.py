@@ -28,12 +28,13 @@ from torch import Tensor, nn
 from torch.utils.data import DataLoader, Dataset, Sampler
 
 import craft_ext
+from craft_ext.channel import channels_of
 from craft_ext.checkpoint import CHECKPOINT_FORMAT, atomic_copy, atomic_save, load_checkpoint
 from craft_ext.train.config import TrainConfig
 from craft_ext.train.logging import RunLogger
 from craft_ext.train.toy import ToyFaces, toy_pairs
 
-__all__ = ["EpochBatches", "TrainingDiverged", "Trainer", "train"]
+__all__ = ["EpochBatches", "TrainingDiverged", "Trainer", "decay_budget", "train"]
 
 
 class TrainingDiverged(RuntimeError):
@@ -153,6 +154,16 @@ def build_val_sets(cfg: TrainConfig) -> list[Any]:
 # ---------------------------------------------------------------------------------------------
 
 
+def decay_budget(lrs: list[float], weight_decay: float, momentum: float) -> float:
+    """The decay budget D = sum_t lr_t * weight_decay / (1 - momentum) of an SGD schedule.
+
+    With coupled weight decay and momentum mu, a weight that gets no useful gradient shrinks
+    by about exp(-D) over the run: channels whose gradient fades die when D is large
+    (arcface_torch's r50 recipes have D of about 17 or more; a few-minute CPU run well under 1).
+    """
+    return float(sum(lrs)) * weight_decay / (1.0 - momentum)
+
+
 def _poly_lambda(total: int, warmup: int, power: float):
     def fn(step: int) -> float:
         if warmup > 0 and step < warmup:
@@ -225,20 +236,38 @@ class Trainer:
         ).to(self.device)
 
         params = dict(self.backbone.named_parameters())
-        unknown = [n for n in cfg.reactivate_layers if n not in params]
+        #: the layers whose filters are logged (and watched, unless --reactivation none)
+        self.layers = list(cfg.reactivate_layers) or [self._first_conv_name()]
+        unknown = [n for n in self.layers if n not in params]
         if unknown:
             raise ValueError(
                 f"reactivate_layers: {unknown} are not parameters of {cfg.network}; e.g. "
                 f"{list(params)[:4]}"
             )
-        self.watched = list(cfg.reactivate_layers) if cfg.reactivation != "none" else []
+        #: each layer's channel (its BatchNorm / PReLU, found by craft_ext.channels_of)
+        self.channels = {
+            ch.name: ch for ch in channels_of(self.backbone, self.layers, trainable=False)
+        }
+        self.watched = list(self.layers) if cfg.reactivation != "none" else []
+        if cfg.criterion == "folded":
+            # BN-aware: detect on the folded filter, reactivate the whole channel
+            no_bn = [n for n in self.layers if not self.channels[n].has_bn]
+            if no_bn:
+                raise ValueError(
+                    f"--criterion folded: {no_bn} {'is' if len(no_bn) == 1 else 'are'} followed "
+                    "by no BatchNorm with running statistics; use --criterion weight"
+                )
+            targets: list[Any] = [(ch.name, ch) for ch in channels_of(self.backbone, self.watched)]
+        else:
+            targets = [(n, params[n]) for n in self.watched]
         self.optimizer = craft_ext.ReactivatingSGD(
             self.backbone.parameters(),
             lr=cfg.lr,
             momentum=cfg.momentum,
             weight_decay=cfg.weight_decay,
-            reactivate=[(n, params[n]) for n in self.watched],
+            reactivate=targets,
             method=cfg.reactivation if cfg.reactivation != "none" else "craft",
+            criterion=cfg.criterion,
             threshold=cfg.threshold,
             interval=cfg.reactivate_every,
             seed=cfg.seed,
@@ -262,6 +291,9 @@ class Trainer:
         self.total_steps = cfg.epochs * self.steps_per_epoch
         warmup = int(cfg.warmup_epochs * self.steps_per_epoch)
         lam = _poly_lambda(self.total_steps, warmup, cfg.poly_power)
+        self.decay_budget = decay_budget(
+            [cfg.lr * lam(t) for t in range(self.total_steps)], cfg.weight_decay, cfg.momentum
+        )
         self.schedulers = [
             torch.optim.lr_scheduler.LambdaLR(self.optimizer, lam),
             torch.optim.lr_scheduler.LambdaLR(self.head_optimizer, lam),
@@ -291,6 +323,13 @@ class Trainer:
 
     # -- helpers ---------------------------------------------------------------------------
 
+    def _first_conv_name(self) -> str:
+        """The parameter name of the first conv's weight (conv1.weight for an iresnet)."""
+        from craft_ext.models import first_conv
+
+        conv = first_conv(self.backbone)
+        return next(f"{n}.weight" for n, m in self.backbone.named_modules() if m is conv)
+
     def _first_conv_weight(self, plant: int) -> Tensor:
         """The first conv's weight; raises if it has fewer than ``plant`` filters."""
         from craft_ext.models import first_conv
@@ -307,38 +346,63 @@ class Trainer:
         with torch.no_grad():
             w[rows] *= 1e-4
 
-    def _watched_weights(self) -> dict[str, Tensor]:
-        params = dict(self.backbone.named_parameters())
-        return {n: params[n] for n in self.cfg.reactivate_layers}
+    def _layer_stats(self, name: str) -> dict[str, Tensor]:
+        """Filter statistics of layer ``name`` on the host: ``max_abs``, ``l1``, ``mean``,
+        ``std`` of the raw filters, and with a BatchNorm after the layer ``folded_max_abs`` /
+        ``folded_l1`` (times |gamma / sqrt(running_var + eps)|, the BN-folded filters, as
+        ``craft_ext.filter_stats(w, bn=bn)``) and ``bn_weight``."""
+        ch = self.channels[name]
+        with torch.no_grad():
+            stats = craft_ext.filter_stats(ch.weight.detach())
+            out = dict(stats._asdict())
+            scale = ch.folded_scale()
+            if scale is not None:
+                a = scale.abs()
+                out["folded_max_abs"] = stats.max_abs * a
+                out["folded_l1"] = stats.l1 * a
+                out["bn_weight"] = ch.bn_weight.detach().float()  # type: ignore[union-attr]
+        return {k: v.cpu() for k, v in out.items()}  # one read-back per tensor: logging only
 
-    def inactive_counts(self) -> dict[str, int]:
-        """Inactive filters per watched layer (reads back to the host: logging only)."""
-        out = {}
-        for name, w in self._watched_weights().items():
-            out[name] = self._inactive(craft_ext.filter_stats(w.detach()))
+    def _dead(self, stats: dict[str, Tensor]) -> dict[str, int]:
+        """Dead filters by each criterion (folded only with a BatchNorm)."""
+        thr = self.cfg.threshold
+        out = {"weight": int((stats["max_abs"] <= thr).sum())}
+        if "folded_max_abs" in stats:
+            out["folded"] = int((stats["folded_max_abs"] <= thr).sum())
         return out
 
-    def _inactive(self, stats: craft_ext.FilterStats) -> int:
-        return int((stats.max_abs <= self.cfg.threshold).sum())
+    def dead_counts(self) -> dict[str, dict[str, int]]:
+        """Per logged layer, dead filters by the weight and the folded criterion (host
+        read-back: logging only)."""
+        return {name: self._dead(self._layer_stats(name)) for name in self.layers}
 
-    def _record_filter_stats(self, when: str) -> dict[str, int]:
-        """Log every watched layer's filter statistics; returns its inactive counts (as
-        :meth:`inactive_counts`, from the same statistics)."""
+    def inactive_counts(self) -> dict[str, int]:
+        """Inactive filters per logged layer by the run's ``--criterion``."""
+        key = self.cfg.criterion
+        return {n: d.get(key, d["weight"]) for n, d in self.dead_counts().items()}
+
+    def _record_filter_stats(self, when: str) -> dict[str, dict[str, int]]:
+        """Log every logged layer's filter statistics; returns their dead counts (as
+        :meth:`dead_counts`, from the same statistics)."""
         counts = {}
-        for name, w in self._watched_weights().items():
-            stats = craft_ext.filter_stats(w.detach())
-            s = type(stats)(*(v.cpu() for v in stats))  # one read-back; counted on the host
-            counts[name] = self._inactive(s)
+        for name in self.layers:
+            stats = self._layer_stats(name)
+            counts[name] = self._dead(stats)
             self.logger.log_filter_stats(
                 {
                     "epoch": self.epoch,
                     "step": self.step,
                     "layer": name,
                     "when": when,
-                    **{k: v.tolist() for k, v in s._asdict().items()},
+                    "threshold": self.cfg.threshold,
+                    **{k: v.tolist() for k, v in stats.items()},
                 }
             )
         return counts
+
+    def _count(self, dead: dict[str, dict[str, int]], criterion: str | None = None) -> int:
+        key = criterion or self.cfg.criterion
+        return sum(d.get(key, d["weight"]) for d in dead.values())
 
     def _drain_events(self) -> int:
         count = 0
@@ -546,6 +610,8 @@ class Trainer:
                     loss_sum += self.train_step(images, labels)
                     loss_count += 1
                     self.batch_in_epoch += 1
+                    if cfg.stats_every and self.step % cfg.stats_every == 0:
+                        self._record_filter_stats("step")
                     images_since += images.shape[0] * self.world
                     if progress is not None:
                         progress.update(1)
@@ -619,23 +685,30 @@ class Trainer:
             self.owns_process_group = False
 
     def _end_epoch(self) -> None:
-        """Epoch end: CRAFT reactivation, statistics, verification, checkpoints."""
+        """Epoch end: CRAFT reactivation (every epoch end but the last), statistics,
+        verification (every ``val_every_epochs`` and after the last), checkpoints."""
         if self.cfg.plant_inactive and self.epoch == 0:
             # demo only: filters die over a long run (weight decay outweighs their gradient);
             # a few-minute demo simulates that state at the first epoch end
             self._plant_inactive(self.cfg.plant_inactive)
         before = self._record_filter_stats("before")
-        if self.watched and self.cfg.reactivate_every is None:
+        last = self.epoch + 1 >= self.cfg.epochs
+        # not after the last epoch: a channel reactivated then would never train, and the
+        # final model (and its verification) would carry untrained rewrites
+        if self.watched and self.cfg.reactivate_every is None and not last:
             self.optimizer.reactivate()
         reactivated = self._drain_events()
         after = self._record_filter_stats("after")
-        metrics = self.evaluate()
+        every = self.cfg.val_every_epochs
+        metrics = self.evaluate() if last or (every and (self.epoch + 1) % every == 0) else {}
         entry = {
             "kind": "epoch",
             "epoch": self.epoch,
             "step": self.step,
-            "inactive_filters": sum(before.values()),
-            "inactive_after": sum(after.values()),
+            "inactive_filters": self._count(before),
+            "inactive_after": self._count(after),
+            "dead_weight": self._count(before, "weight"),
+            "dead_folded": self._count(before, "folded"),
             "reactivated": reactivated,
             "reactivated_total": self.reactivated_total,
             "lr": self.schedulers[0].get_last_lr()[0],
@@ -659,7 +732,9 @@ class Trainer:
             "steps": self.step,
             "epochs_completed": self.epoch,
             "reactivated_total": self.reactivated_total,
+            "decay_budget": self.decay_budget,
             "inactive_filters_now": self.inactive_counts(),
+            "dead_now": self.dead_counts(),
             "best": self.best,
             "epochs": self.history,
             "output": str(self.out),

@@ -8,7 +8,8 @@
 // One fused sweep per filter (row_stats below), parallel over filters; float32, float64, float16
 // and bfloat16 inputs; any memory layout: filters that are dense blocks (contiguous,
 // channels_last, transposed kernels, slices along dim 0 or 1) are read in place, others from a
-// contiguous copy.
+// contiguous copy. With running_var (and bn_weight), the statistics of the filters folded with
+// the BatchNorm that follows them (fold_bn).
 
 #include <ATen/ATen.h>
 #include <ATen/Dispatch.h>
@@ -19,6 +20,7 @@
 #include <cmath>
 #include <cstdint>
 #include <limits>
+#include <optional>
 #include <tuple>
 #include <type_traits>
 
@@ -151,14 +153,53 @@ inline void rows_stats(const T* base, int64_t row_stride, int64_t n, int64_t k, 
   });
 }
 
+// Folded statistics (the BN that follows the filters folded in): each float32 statistic times
+// s_i = bn_weight_i / sqrt(running_var_i + eps) in float32 (|s_i| for max_abs, l1, std), as
+// reference.filter_stats. One product per filter after the sweep: free next to the sweep.
+void fold_bn(const at::Tensor& bn_weight, const at::Tensor& running_var, double eps,
+             at::Tensor& max_abs, at::Tensor& l1, at::Tensor& mean, at::Tensor& std) {
+  const int64_t n = max_abs.size(0);
+  const at::Tensor var = running_var.to(at::kFloat).contiguous();
+  const at::Tensor gamma =
+      bn_weight.defined() ? bn_weight.to(at::kFloat).contiguous() : at::Tensor();
+  const float* v = var.const_data_ptr<float>();
+  const float* g = gamma.defined() ? gamma.const_data_ptr<float>() : nullptr;
+  const float e = static_cast<float>(eps);
+  float* p_max = max_abs.mutable_data_ptr<float>();
+  float* p_l1 = l1.mutable_data_ptr<float>();
+  float* p_mean = mean.mutable_data_ptr<float>();
+  float* p_std = std.mutable_data_ptr<float>();
+  for (int64_t i = 0; i < n; ++i) {
+    const float s = (g != nullptr ? g[i] : 1.0f) / std::sqrt(v[i] + e);
+    const float a = std::fabs(s);
+    p_max[i] *= a;
+    p_l1[i] *= a;
+    p_mean[i] *= s;
+    p_std[i] *= a;
+  }
+}
+
 std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> filter_stats_cpu(
-    const at::Tensor& weight) {
+    const at::Tensor& weight, const std::optional<at::Tensor>& bn_weight,
+    const std::optional<at::Tensor>& running_var, double eps) {
   TORCH_CHECK(weight.dim() >= 1, "craft_ext::filter_stats: weight must have a filter dim 0");
   TORCH_CHECK(at::isFloatingType(weight.scalar_type()),
               "craft_ext::filter_stats: weight must be floating point, got ",
               weight.scalar_type());
   const int64_t n = weight.size(0);
   const int64_t k = n == 0 ? 0 : weight.numel() / n;
+  const bool folded = running_var.has_value() && running_var->defined();
+  const bool has_gamma = bn_weight.has_value() && bn_weight->defined();
+  TORCH_CHECK(folded || !has_gamma,
+              "craft_ext::filter_stats: bn_weight needs running_var (folded statistics)");
+  for (const auto* t : {&bn_weight, &running_var}) {
+    if (!t->has_value() || !(*t)->defined()) continue;
+    TORCH_CHECK((*t)->dim() == 1 && (*t)->size(0) == n && (*t)->device() == weight.device() &&
+                    at::isFloatingType((*t)->scalar_type()),
+                "craft_ext::filter_stats: bn_weight and running_var must be float [", n,
+                "] tensors on ", weight.device(), ", got ", (*t)->scalar_type(), " of shape ",
+                (*t)->sizes());
+  }
   const auto opts = weight.options().dtype(at::kFloat);
   at::Tensor max_abs = at::empty({n}, opts);
   at::Tensor l1 = at::empty({n}, opts);
@@ -176,6 +217,9 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> filter_stats_cpu(
                         max_abs.mutable_data_ptr<float>(), l1.mutable_data_ptr<float>(),
                         mean.mutable_data_ptr<float>(), std.mutable_data_ptr<float>());
       });
+  if (folded) {
+    fold_bn(has_gamma ? *bn_weight : at::Tensor(), *running_var, eps, max_abs, l1, mean, std);
+  }
   return {max_abs, l1, mean, std};
 }
 

@@ -13,6 +13,10 @@
 // * random: inactive filters become noise[i] * float32(sqrt(2 / K)) (He / Kaiming, fan-in K).
 // craft and scaled_gaussian change nothing without an active filter. Returns (inactive bool [N],
 // reactivated bool [N], donor int64 [N] (-1 where none), count int64 []).
+// Channel (optional [N] entries after the filters: conv bias, BN weight / bias / running stats,
+// PReLU slope): with `folded`, max_abs and l1 above are those of the filter folded with its BN,
+// times a[i] = |bn_weight[i] / sqrt(running_var[i] + eps)| (float32); given entries of the
+// reactivated channels are rewritten by channel_rule (reference.CHANNEL_RULES).
 //
 // The statistics are the reference's own ATen reductions (see reactivate_cpu), the pairing is
 // O(N log N) serial work on [N] vectors, and only the reactivated filters are written, in
@@ -32,6 +36,8 @@
 #include <optional>
 #include <tuple>
 #include <vector>
+
+#include <c10/util/SmallVector.h>
 
 #include "common.h"
 #include "reactivate.h"
@@ -170,15 +176,75 @@ void reference_max_abs_l1(const at::Tensor& weight, int64_t n, int64_t k, float*
 // holding NaN is never inactive, as with the reference's amax). Reads a filter only until its
 // first element above t, so a layer without inactive filters (the usual case at a reactivation)
 // costs about one element per filter. Needs the dense [n, k] row view of filter_rows_view.
+// With a per-row scale (folded detection), element j counts as small when
+// fl(|float32(w_j)| * scale[i]) <= t: rounding is monotonic, so that holds for every element
+// exactly when fl(max_abs * scale) <= t, the reference's rule (a NaN scale compares false).
 template <typename scalar_t>
-bool any_inactive_rows(const scalar_t* rows, int64_t row_stride, int64_t n, int64_t k, float t) {
+bool any_inactive_rows(const scalar_t* rows, int64_t row_stride, int64_t n, int64_t k, float t,
+                       const float* scale) {
   for (int64_t i = 0; i < n; ++i) {
     const scalar_t* row = rows + i * row_stride;
     int64_t j = 0;
-    while (j < k && std::abs(static_cast<float>(row[j])) <= t) ++j;
+    if (scale == nullptr) {
+      while (j < k && std::abs(static_cast<float>(row[j])) <= t) ++j;
+    } else {
+      const float a = scale[i];
+      while (j < k && std::abs(static_cast<float>(row[j])) * a <= t) ++j;
+    }
     if (j == k) return true;
   }
   return false;
+}
+
+// Values of a 1-D floating tensor as float32 (rounded as Tensor.to(float32) rounds them).
+void read_floats(const at::Tensor& t, float* out) {
+  AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, t.scalar_type(), "read_floats", [&] {
+    const scalar_t* p = t.const_data_ptr<scalar_t>();
+    const int64_t stride = t.stride(0);
+    for (int64_t i = 0; i < t.size(0); ++i) out[i] = static_cast<float>(p[i * stride]);
+  });
+}
+
+// a[i] = |bn_weight[i] / sqrt(running_var[i] + eps)| in float32, as reference.folded_scale
+// (bn_weight absent: 1), for folded detection. NaN / Inf propagate.
+void folded_abs_scale(const Channel& ch, int64_t n, float* a) {
+  c10::SmallVector<float, 512> var(n);
+  read_floats(*ch.running_var(), var.data());
+  const float eps = static_cast<float>(ch.eps);
+  if (ch.bn_weight().has_value()) read_floats(*ch.bn_weight(), a);
+  for (int64_t i = 0; i < n; ++i) {
+    const float gamma = ch.bn_weight().has_value() ? a[i] : 1.0f;
+    a[i] = std::fabs(gamma / std::sqrt(var[i] + eps));
+  }
+}
+
+// Entries of the reactivated channels (reactivated[i]), rewritten in place by channel_rule
+// with d = donor[i]. Donors / sources are never reactivated, so no entry is both read and
+// written.
+void rewrite_channel(const Channel& ch, Method method, int64_t n, const uint8_t* reactivated,
+                     const int64_t* donor) {
+  for (int e = 0; e < Channel::kEntries; ++e) {
+    const ChannelRule rule = channel_rule(e, method);
+    if (!ch.entries[e].has_value() || rule == ChannelRule::kKeep) continue;
+    at::Tensor t = *ch.entries[e];
+    AT_DISPATCH_FLOATING_TYPES_AND2(
+        at::kHalf, at::kBFloat16, t.scalar_type(), "craft_ext::reactivate_ channel", [&] {
+          scalar_t* p = t.mutable_data_ptr<scalar_t>();
+          const int64_t stride = t.stride(0);
+          for (int64_t i = 0; i < n; ++i) {
+            if (!reactivated[i]) continue;
+            const scalar_t src = p[std::max<int64_t>(donor[i], 0) * stride];
+            scalar_t& dst = p[i * stride];
+            switch (rule) {
+              case ChannelRule::kCopy: dst = src; break;
+              case ChannelRule::kNeg: dst = static_cast<scalar_t>(-src); break;
+              case ChannelRule::kZero: dst = static_cast<scalar_t>(0); break;
+              case ChannelRule::kOne: dst = static_cast<scalar_t>(1); break;
+              case ChannelRule::kKeep: break;
+            }
+          }
+        });
+  }
 }
 
 }  // namespace
@@ -203,8 +269,14 @@ Method check_reactivate_args(const at::Tensor& weight, const at::Tensor& used,
 std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> reactivate_cpu(
     const at::Tensor& weight, const at::Tensor& used, const at::Tensor& order_key,
     const at::Tensor& fallback_u, const std::optional<at::Tensor>& noise, double threshold,
-    c10::string_view method_name) {
+    c10::string_view method_name, const std::optional<at::Tensor>& bias,
+    const std::optional<at::Tensor>& bn_weight, const std::optional<at::Tensor>& bn_bias,
+    const std::optional<at::Tensor>& running_mean, const std::optional<at::Tensor>& running_var,
+    const std::optional<at::Tensor>& prelu, double eps, bool folded) {
   const Method method = check_reactivate_args(weight, used, method_name, "craft_ext::reactivate_");
+  const Channel ch =
+      make_channel(bias, bn_weight, bn_bias, running_mean, running_var, prelu, eps, folded);
+  check_channel(ch, weight, "craft_ext::reactivate_");
   const int64_t n = weight.size(0);
   TORCH_CHECK(order_key.dim() == 1 && order_key.size(0) == n && fallback_u.dim() == 1 &&
                   fallback_u.size(0) == n,
@@ -213,16 +285,16 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> reactivate_cpu(
   const at::Tensor fu = fallback_u.to(at::kFloat).contiguous();
   return make_outputs(n, [&](bool* inactive, bool* reactivated, int64_t* donor) {
     return reactivate_cpu_into(weight, used, key.const_data_ptr<float>(),
-                               fu.const_data_ptr<float>(), noise, threshold, method, inactive,
-                               reactivated, donor);
+                               fu.const_data_ptr<float>(), noise, threshold, method, ch,
+                               inactive, reactivated, donor);
   });
 }
 
 int64_t reactivate_cpu_into(const at::Tensor& weight, const at::Tensor& used,
                             const float* order_key, const float* fallback_u,
                             const std::optional<at::Tensor>& noise, double threshold,
-                            Method method, bool* out_inactive, bool* out_reactivated,
-                            int64_t* donor) {
+                            Method method, const Channel& ch, bool* out_inactive,
+                            bool* out_reactivated, int64_t* donor) {
   const int64_t n = weight.size(0);
   const int64_t k = n == 0 ? 0 : weight.numel() / n;
   const bool needs_noise = method != Method::kCraft;
@@ -242,13 +314,20 @@ int64_t reactivate_cpu_into(const at::Tensor& weight, const at::Tensor& used,
   // nothing is written and the outputs are the all-false / -1 / 0 ones filled above. Filters
   // that are dense blocks are scanned in place, without creating a view.
   const float thr = static_cast<float>(threshold);
+  // folded detection: |s_i| per filter (on the stack up to N = 512)
+  c10::SmallVector<float, 512> scale;
+  if (ch.folded) {
+    scale.resize(n);
+    folded_abs_scale(ch, n, scale.data());
+  }
+  const float* scale_ptr = ch.folded ? scale.data() : nullptr;
   int64_t dense_stride = 0;
   if (filter_rows_dense(weight, &dense_stride)) {
     bool any_inactive = false;
     AT_DISPATCH_FLOATING_TYPES_AND2(
         at::kHalf, at::kBFloat16, weight.scalar_type(), "craft_ext::reactivate_ scan", [&] {
-          any_inactive =
-              any_inactive_rows(weight.const_data_ptr<scalar_t>(), dense_stride, n, k, thr);
+          any_inactive = any_inactive_rows(weight.const_data_ptr<scalar_t>(), dense_stride, n,
+                                           k, thr, scale_ptr);
         });
     if (!any_inactive) return 0;
   }
@@ -260,6 +339,12 @@ int64_t reactivate_cpu_into(const at::Tensor& weight, const at::Tensor& used,
 
   std::vector<float> max_abs(n), l1(n);
   reference_max_abs_l1(weight, n, k, max_abs.data(), l1.data());
+  if (scale_ptr != nullptr) {
+    for (int64_t i = 0; i < n; ++i) {
+      max_abs[i] *= scale_ptr[i];
+      l1[i] *= scale_ptr[i];
+    }
+  }
 
   std::vector<uint8_t> inactive(n), active(n), reactivated(n), used_v(n), newly_used;
   bool any_active = false;
@@ -317,6 +402,7 @@ int64_t reactivate_cpu_into(const at::Tensor& weight, const at::Tensor& used,
                    kaiming);
       });
   if (!fr.is_view) weight.copy_(rows.view(weight.sizes()));
+  if (ch.any()) rewrite_channel(ch, method, n, reactivated.data(), donor);
 
   if (method == Method::kCraft) {
     at::Tensor newly = at::empty({n}, bool_opts);

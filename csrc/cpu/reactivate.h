@@ -37,10 +37,13 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> make_outputs(int64_t 
 // The reactivate_ kernel on checked arguments (check_reactivate_args), writing its outputs to
 // host arrays of N elements (inactive may be null) and returning the count. order_key and
 // fallback_u are float32 [N] host arrays (read only when some filter is inactive); noise is
-// required unless method is craft. Allocates nothing when no filter is inactive.
+// required unless method is craft; `channel` (checked with check_channel) holds the entries
+// rewritten with the filters and the folded-detection switch. Allocates nothing when no filter
+// is inactive (and N <= 512).
 int64_t reactivate_cpu_into(const at::Tensor& weight, const at::Tensor& used,
                             const float* order_key, const float* fallback_u,
                             const std::optional<at::Tensor>& noise, double threshold,
-                            Method method, bool* inactive, bool* reactivated, int64_t* donor);
+                            Method method, const Channel& channel, bool* inactive,
+                            bool* reactivated, int64_t* donor);
 
 }  // namespace craft_ext

@@ -8,7 +8,8 @@
 //   noise = randn(weight.shape)                        (float32; scaled_gaussian / random only)
 //   (inactive, reactivated, donor, count) = reactivate_(weight, used, order_key, fallback_u,
 //                                                       noise, ...)   (reactivate.cpp)
-//   buf[i, ...] = 0 for every reactivated i, for every buf in `state` shaped like weight
+//   channel entries of reactivated filters rewritten (BN-aware; reactivate.cpp)
+//   buf[i, ...] = 0 for every reactivated i, for every buf in `state` shaped like weight or [N]
 //   total += count
 // The draws are the same values, from the same generator calls in the same order, as the Python
 // composition (craft_ext/reference.py::reactivation_inputs), so both consume the generator
@@ -78,8 +79,8 @@ void draw_keys(const std::optional<at::Generator>& generator, float* keys, int64
 int64_t reactivate_reset_into(const at::Tensor& weight, const at::Tensor& used,
                               const at::Tensor& total, at::TensorList state,
                               const std::optional<at::Generator>& generator, double threshold,
-                              Method method, bool* inactive, bool* reactivated,
-                              int64_t* donor) {
+                              Method method, const Channel& ch, bool* inactive,
+                              bool* reactivated, int64_t* donor) {
   const int64_t n = weight.size(0);
   // rand(2, N) is rand(N) twice (order_key, then fallback_u); on the stack up to N = 512
   c10::SmallVector<float, 1024> keys(2 * n);
@@ -89,7 +90,7 @@ int64_t reactivate_reset_into(const at::Tensor& weight, const at::Tensor& used,
     noise = at::randn(weight.sizes(), generator, weight.options().dtype(at::kFloat));
   }
   const int64_t count = reactivate_cpu_into(weight, used, keys.data(), keys.data() + n, noise,
-                                            threshold, method, inactive, reactivated, donor);
+                                            threshold, method, ch, inactive, reactivated, donor);
   if (count > 0) {
     // The rows to clear as an index list (index_fill_ touches only those rows; a broadcast
     // masked_fill_ walks the whole tensor, ~16 ms for an r50 [512, 512, 3, 3] buffer on CPU).
@@ -99,7 +100,11 @@ int64_t reactivate_reset_into(const at::Tensor& weight, const at::Tensor& used,
       if (reactivated[i]) *row++ = i;
     }
     for (const at::Tensor& buf : state) {
-      if (buf.defined() && buf.sizes() == weight.sizes() && buf.device() == weight.device()) {
+      // the weight's state, and the [N] state of the channel entries (gamma, beta, slope...)
+      const bool rows_of_weight = buf.sizes() == weight.sizes();
+      const bool rows_of_channel = buf.dim() == 1 && buf.size(0) == n;
+      if (buf.defined() && (rows_of_weight || rows_of_channel) &&
+          buf.device() == weight.device()) {
         // const Tensor& still writes the shared storage: the list is declared mutable (d!);
         // filling (not multiplying by 0) also clears NaN / Inf
         const_cast<at::Tensor&>(buf).index_fill_(0, rows, 0);
@@ -113,11 +118,19 @@ int64_t reactivate_reset_into(const at::Tensor& weight, const at::Tensor& used,
 Outputs reactivate_and_reset_cpu(const at::Tensor& weight, const at::Tensor& used,
                                  const at::Tensor& total, at::TensorList state,
                                  std::optional<at::Generator> generator, double threshold,
-                                 c10::string_view method) {
-  const Method parsed =
-      check_arguments(weight, used, total, method, "craft_ext::reactivate_and_reset_");
+                                 c10::string_view method, const std::optional<at::Tensor>& bias,
+                                 const std::optional<at::Tensor>& bn_weight,
+                                 const std::optional<at::Tensor>& bn_bias,
+                                 const std::optional<at::Tensor>& running_mean,
+                                 const std::optional<at::Tensor>& running_var,
+                                 const std::optional<at::Tensor>& prelu, double eps, bool folded) {
+  constexpr const char* op = "craft_ext::reactivate_and_reset_";
+  const Method parsed = check_arguments(weight, used, total, method, op);
+  const Channel ch =
+      make_channel(bias, bn_weight, bn_bias, running_mean, running_var, prelu, eps, folded);
+  check_channel(ch, weight, op);
   return make_outputs(weight.size(0), [&](bool* inactive, bool* reactivated, int64_t* donor) {
-    return reactivate_reset_into(weight, used, total, state, generator, threshold, parsed,
+    return reactivate_reset_into(weight, used, total, state, generator, threshold, parsed, ch,
                                  inactive, reactivated, donor);
   });
 }
@@ -126,9 +139,18 @@ void reactivate_and_record_cpu(const at::Tensor& weight, const at::Tensor& used,
                                const at::Tensor& total, at::TensorList state,
                                const at::Tensor& reactivated_log, const at::Tensor& donor_log,
                                int64_t slot, std::optional<at::Generator> generator,
-                               double threshold, c10::string_view method) {
+                               double threshold, c10::string_view method,
+                               const std::optional<at::Tensor>& bias,
+                               const std::optional<at::Tensor>& bn_weight,
+                               const std::optional<at::Tensor>& bn_bias,
+                               const std::optional<at::Tensor>& running_mean,
+                               const std::optional<at::Tensor>& running_var,
+                               const std::optional<at::Tensor>& prelu, double eps, bool folded) {
   constexpr const char* op = "craft_ext::reactivate_and_reset_.record";
   const Method parsed = check_arguments(weight, used, total, method, op);
+  const Channel ch =
+      make_channel(bias, bn_weight, bn_bias, running_mean, running_var, prelu, eps, folded);
+  check_channel(ch, weight, op);
   const int64_t n = weight.size(0);
   TORCH_CHECK(reactivated_log.scalar_type() == at::kBool && reactivated_log.dim() == 2 &&
                   reactivated_log.size(1) == n && reactivated_log.is_contiguous() &&
@@ -146,7 +168,7 @@ void reactivate_and_record_cpu(const at::Tensor& weight, const at::Tensor& used,
               donor_log.is_contiguous() ? "" : " (not contiguous)");
   TORCH_CHECK(slot >= 0 && slot < reactivated_log.size(0), op, ": slot must be in [0, ",
               reactivated_log.size(0), "), got ", slot);
-  reactivate_reset_into(weight, used, total, state, generator, threshold, parsed, nullptr,
+  reactivate_reset_into(weight, used, total, state, generator, threshold, parsed, ch, nullptr,
                         reactivated_log.mutable_data_ptr<bool>() + slot * n,
                         donor_log.mutable_data_ptr<int64_t>() + slot * n);
 }

@@ -11,7 +11,9 @@
 // The sums are accumulated in double (per thread, then warp shuffles, then shared memory across
 // the warps of a row) and rounded once to float32, so the results are float32-accurate for
 // float, double, half and bfloat16 inputs. max_abs is exact. A NaN in a row makes all four
-// statistics NaN; an Inf makes max_abs and l1 Inf.
+// statistics NaN; an Inf makes max_abs and l1 Inf. With fold_var (float32 [N]; fold_gamma
+// float32 [N] or null for 1), the statistics of the row times s_i = gamma_i / sqrt(var_i + eps):
+// the filter as the BatchNorm after it applies it (max_abs, l1, std times |s_i|, mean times s_i).
 //
 // A row is handled by kWarpsPerRow warps of a 256-thread block (1 warp for short rows, so one
 // block serves 8 filters; 8 warps for long rows). With kVec, rows are read with 16-byte vector
@@ -71,7 +73,9 @@ template <typename T, int kWarpsPerRow, bool kVec>
 __global__ void __launch_bounds__(kBlockThreads)
     filter_stats_kernel(const T* __restrict__ w, int64_t n, int64_t k, int64_t row_stride,
                         float* __restrict__ max_abs, float* __restrict__ l1,
-                        float* __restrict__ mean, float* __restrict__ stdv) {
+                        float* __restrict__ mean, float* __restrict__ stdv,
+                        const float* __restrict__ fold_gamma, const float* __restrict__ fold_var,
+                        float fold_eps) {
   static_assert(kBlockWarps % kWarpsPerRow == 0, "warps per row must divide the block");
   constexpr int kRowsPerBlock = kBlockWarps / kWarpsPerRow;
   constexpr int kRowThreads = kWarpsPerRow * kWarpSize;
@@ -122,10 +126,24 @@ __global__ void __launch_bounds__(kBlockThreads)
     const double m1 = acc.s1 / kd;
     double var = acc.s2 / kd - m1 * m1;
     var = var > 0.0 ? var : (var != var ? var : 0.0);  // clamp rounding below 0, keep NaN
-    max_abs[row] = acc.max_abs;
-    l1[row] = static_cast<float>(acc.l1);
-    mean[row] = static_cast<float>(acc.sum / kd);
-    stdv[row] = static_cast<float>(sqrt(var));
+    float out_max = acc.max_abs;
+    float out_l1 = static_cast<float>(acc.l1);
+    float out_mean = static_cast<float>(acc.sum / kd);
+    float out_std = static_cast<float>(sqrt(var));
+    if (fold_var != nullptr) {
+      // the BN that follows folded in: s = gamma / sqrt(var + eps), IEEE float32 (no fast math)
+      const float s = (fold_gamma != nullptr ? fold_gamma[row] : 1.0f) /
+                      sqrtf(fold_var[row] + fold_eps);
+      const float a = fabsf(s);
+      out_max *= a;
+      out_l1 *= a;
+      out_mean *= s;
+      out_std *= a;
+    }
+    max_abs[row] = out_max;
+    l1[row] = out_l1;
+    mean[row] = out_mean;
+    stdv[row] = out_std;
   }
 }
 
@@ -134,7 +152,9 @@ __global__ void __launch_bounds__(kBlockThreads)
 // check (cudaGetLastError / C10_CUDA_KERNEL_LAUNCH_CHECK).
 template <typename T>
 void launch_filter_stats(const T* w, int64_t n, int64_t k, int64_t row_stride, float* max_abs,
-                         float* l1, float* mean, float* stdv, cudaStream_t stream) {
+                         float* l1, float* mean, float* stdv, cudaStream_t stream,
+                         const float* fold_gamma = nullptr, const float* fold_var = nullptr,
+                         float fold_eps = 0.0f) {
   if (n == 0) return;
   constexpr int kV = Vec16<T>::kSize;
   const bool vec = k >= kV && reinterpret_cast<uintptr_t>(w) % 16 == 0 &&
@@ -148,7 +168,8 @@ void launch_filter_stats(const T* w, int64_t n, int64_t k, int64_t row_stride, f
   } else if (vec) {
     kernel = filter_stats_kernel<T, kBlockWarps, true>;
   }
-  CRAFT_EXT_LAUNCH(grid, block, stream, kernel)(w, n, k, row_stride, max_abs, l1, mean, stdv);
+  CRAFT_EXT_LAUNCH(grid, block, stream, kernel)(w, n, k, row_stride, max_abs, l1, mean, stdv,
+                                                 fold_gamma, fold_var, fold_eps);
 }
 
 }  // namespace cuda

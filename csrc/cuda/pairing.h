@@ -91,5 +91,36 @@ inline Pairing pair_filters(Method method, const at::Tensor& max_abs, const at::
   return p;
 }
 
+// a = |bn_weight / sqrt(running_var + eps)|, float32 [N] (reference.folded_scale; bn_weight
+// absent: 1): folded detection multiplies max_abs and l1 by it.
+inline at::Tensor folded_abs_scale(const Channel& ch) {
+  const at::Tensor var = ch.running_var()->to(at::kFloat);
+  // the scalar is rounded to float32 by the float32 add, as in the reference's `var + eps`
+  const at::Tensor denom = at::sqrt(var + ch.eps);
+  const at::Tensor gamma =
+      ch.bn_weight().has_value() ? ch.bn_weight()->to(at::kFloat) : at::ones_like(denom);
+  return (gamma / denom).abs_();
+}
+
+// reference.rewrite_channel_ with ATen ops: every given channel entry t of a reactivated filter
+// i becomes t[d], -t[d], 0 or 1 (channel_rule), d = donor[i]; others are unchanged.
+inline void rewrite_channel(const Channel& ch, Method method, const at::Tensor& reactivated,
+                            const at::Tensor& donor) {
+  const at::Tensor src = donor.clamp_min(0);
+  for (int e = 0; e < Channel::kEntries; ++e) {
+    const ChannelRule rule = channel_rule(e, method);
+    if (!ch.entries[e].has_value() || rule == ChannelRule::kKeep) continue;
+    at::Tensor t = *ch.entries[e];
+    at::Tensor fresh;
+    switch (rule) {
+      case ChannelRule::kCopy: fresh = t.index_select(0, src); break;
+      case ChannelRule::kNeg: fresh = t.index_select(0, src).neg_(); break;
+      case ChannelRule::kZero: fresh = at::zeros_like(t); break;
+      default: fresh = at::ones_like(t); break;
+    }
+    t.copy_(at::where(reactivated, fresh, t));
+  }
+}
+
 }  // namespace cuda
 }  // namespace craft_ext

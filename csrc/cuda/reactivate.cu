@@ -10,7 +10,11 @@
 //      (stable sorts, scatters; no host synchronisation): pairing.h;
 //   3. write_reactivated_kernel rewrites the reactivated rows in place (craft: negative of the
 //      donor row; scaled_gaussian: mean[s] + std[s] * noise; random: noise * sqrt(2 / K)) and
-//      `used` |= the donors spent by this call.
+//      `used` |= the donors spent by this call;
+//   4. the channel entries given (conv bias, BN weight / bias / running stats, PReLU slope) of
+//      the reactivated filters, rewritten by pairing.h's rewrite_channel (ATen, [N] vectors).
+// With `folded`, max_abs and l1 are multiplied by |bn_weight / sqrt(running_var + eps)| before
+// the pairing: the filters as the BatchNorm after them applies them.
 //
 // The statistics are the reference's, bit for bit (same ops, same device, same element order
 // and layout), as in the CPU kernel (csrc/cpu/reactivate.cpp): the L1 norms rank donors and
@@ -43,9 +47,15 @@ static_assert(static_cast<int>(ReactivateMethod::kCraft) == static_cast<int>(Met
 std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> reactivate_cuda(
     at::Tensor& weight, at::Tensor& used, const at::Tensor& order_key,
     const at::Tensor& fallback_u, const std::optional<at::Tensor>& noise, double threshold,
-    c10::string_view method_name) {
+    c10::string_view method_name, const std::optional<at::Tensor>& bias,
+    const std::optional<at::Tensor>& bn_weight, const std::optional<at::Tensor>& bn_bias,
+    const std::optional<at::Tensor>& running_mean, const std::optional<at::Tensor>& running_var,
+    const std::optional<at::Tensor>& prelu, double eps, bool folded) {
   check_weight(weight, "reactivate_");
   const Method method = parse_method(method_name);
+  const Channel ch =
+      make_channel(bias, bn_weight, bn_bias, running_mean, running_var, prelu, eps, folded);
+  check_channel(ch, weight, "craft_ext::reactivate_");
   const c10::cuda::CUDAGuard guard(weight.device());
   const int64_t n = weight.size(0);
   TORCH_CHECK(used.scalar_type() == at::kBool && used.dim() == 1 && used.size(0) == n &&
@@ -74,8 +84,13 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> reactivate_cuda(
   const at::Tensor logical = weight.reshape({n, k});  // reference._rows: a view, or a copy
   const at::Tensor x32 = logical.to(at::kFloat);
   const at::Tensor abs32 = x32.abs();
-  const at::Tensor max_abs = abs32.amax(1);
-  const at::Tensor l1 = abs32.sum(1);
+  at::Tensor max_abs = abs32.amax(1);
+  at::Tensor l1 = abs32.sum(1);
+  if (ch.folded) {  // detect and rank the filters folded with their BatchNorm
+    const at::Tensor a = folded_abs_scale(ch);
+    max_abs = max_abs * a;
+    l1 = l1 * a;
+  }
   at::Tensor mean, stdv;  // float32 [N], scaled_gaussian only (read at the source row)
   if (method == Method::kScaledGaussian) {
     std::tie(stdv, mean) =
@@ -118,6 +133,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> reactivate_cuda(
         C10_CUDA_KERNEL_LAUNCH_CHECK();
       });
   if (!fr.is_view) weight.copy_(rows.view(weight.sizes()));
+  if (ch.any()) rewrite_channel(ch, method, reactivated, donor);
 
   return {p.inactive, reactivated, donor, reactivated.sum()};
 }
