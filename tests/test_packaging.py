@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 import os
 import subprocess
 import sys
@@ -45,6 +46,35 @@ def test_import_does_not_initialise_cuda(tmp_path):
 )
 def test_compiled_extension_is_loaded():
     assert craft_ext.extension_loaded(), craft_ext.extension_error()
+
+
+def test_built_extension_loads_without_compiler(tmp_path):
+    """A prebuilt (install-time) or cached (first-use) extension loads in a new process with
+    no compiler call and no noticeable delay."""
+    if not craft_ext.extension_loaded():
+        pytest.skip(f"compiled extension not loaded ({craft_ext.extension_error()})")
+    record = tmp_path / "calls"
+    fake = tmp_path / "fake-c++"
+    fake.write_text(f'#!/bin/sh\necho "$*" >> "{record}"\nexit 1\n')
+    fake.chmod(0o755)
+    code = (
+        "import json, craft_ext, craft_ext._extension as e; "
+        "print(json.dumps([craft_ext.extension_loaded(), e.EXTENSION_INFO]))"
+    )
+    out = subprocess.run(
+        [sys.executable, "-c", code],
+        cwd=tmp_path,
+        env={**_env(), "CXX": str(fake)},
+        capture_output=True,
+        text=True,
+        timeout=300,
+    )
+    assert out.returncode == 0, out.stderr
+    loaded, info = json.loads(out.stdout.splitlines()[-1])
+    assert loaded and info["origin"] in {"prebuilt", "cache"}, info
+    assert info["seconds"] < 0.5, info
+    assert not record.exists(), record.read_text()
+    assert "craft_ext: compiling" not in out.stderr
 
 
 @pytest.mark.skipif(FROM_SOURCE, reason="checks the installed layout; craft_ext is a checkout")
