@@ -12,6 +12,7 @@ import sys
 import time
 import types
 import zipfile
+from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
@@ -337,7 +338,7 @@ def _result(proc: subprocess.Popen, timeout: float = 120) -> tuple[dict, str, in
 
 
 @pytest.fixture(scope="module")
-def venv(tmp_path_factory) -> dict[str, Path]:
+def venv(tmp_path_factory) -> Iterator[dict[str, Path]]:
     """A wheel built from this checkout with pip's build isolation (no torch in the build
     environment), installed in a new venv holding only torch and ninja (the wheel's other
     dependencies are not needed to import craft_ext and would cost a minute)."""
@@ -364,7 +365,8 @@ def venv(tmp_path_factory) -> dict[str, Path]:
         env=env,
     )
     _run([str(python), "-m", "pip", "install", "-q", "--no-deps", str(wheel)], timeout=300, env=env)
-    return {"base": base, "wheel": wheel, "python": python, "cache": cache}
+    yield {"base": base, "wheel": wheel, "python": python, "cache": cache}
+    shutil.rmtree(base / "venv", ignore_errors=True)  # ~1 GB of torch; pytest keeps tmp dirs
 
 
 @pytest.fixture(scope="module")
