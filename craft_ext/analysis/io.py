@@ -4,9 +4,14 @@ Every tool takes a *source*, which may be
 
 * an ``nn.Module`` (its ``state_dict()`` is used);
 * a state dict (``{name: Tensor}``), possibly with ``module.`` / ``backbone.`` / ``_orig_mod.``
-  key prefixes (DataParallel, wrapped backbones, ``torch.compile``);
+  / ``model.`` key prefixes (DataParallel, wrapped backbones, ``torch.compile``) or any other
+  prefix common to every key (``encoder.``, ``model.backbone.``, ``student.net.``...), see
+  :func:`strip_common_prefix`; when only some keys start with ``backbone.`` (a backbone
+  saved with its head), those keys alone are kept;
 * a craft-train checkpoint dict (``{"format": "craft_ext.checkpoint.v1", "backbone": ...}``)
-  or another common wrapper (``{"state_dict": ...}``, ``{"model": ...}``);
+  or another common wrapper: the state dict under ``backbone``, ``state_dict``,
+  ``model_state_dict``, ``net_state_dict``, ``model``, ``net`` or ``network``, nested to any
+  depth (``{"model": {"state_dict": ...}}``);
 * a path to any of those saved with ``torch.save`` (loaded with ``weights_only=True``);
 * a craft-train run directory: ``backbone.pth``, else ``checkpoint_last.pt``, else
   ``checkpoint_best.pt`` inside it is used.
@@ -33,6 +38,7 @@ __all__ = [
     "load_model",
     "load_state_dict",
     "resolve_checkpoint_path",
+    "strip_common_prefix",
     "unwrap_state_dict",
 ]
 
@@ -44,7 +50,15 @@ PREFIXES = ("module.", "_orig_mod.", "backbone.", "model.")
 #: prefix of a backbone inside a larger module (e.g. backbone + margin head): kept alone
 _BACKBONE_PREFIX = "backbone."
 #: dict keys under which wrappers keep the backbone state dict, most specific first
-_WRAPPER_KEYS = ("backbone", "state_dict", "model_state_dict", "model", "net")
+_WRAPPER_KEYS = (
+    "backbone",
+    "state_dict",
+    "model_state_dict",
+    "net_state_dict",
+    "model",
+    "net",
+    "network",
+)
 
 Source = str | os.PathLike | nn.Module | Mapping[str, Any]
 
@@ -84,6 +98,30 @@ def _torch_load(path: Path) -> Any:
         ) from exc
 
 
+def strip_common_prefix(keys: list[str]) -> str:
+    """The longest prefix of whole dotted components (``"encoder."``, ``"model.backbone."``)
+    shared by every key that is a wrapper's attribute path rather than part of the network:
+    after removing it every key still has a module path (at least one ``.``) and none starts
+    with a numeric component (``"layers."`` before ``"0.conv.weight"`` is a container of the
+    network, not a wrapper). ``""`` when there is none."""
+    if not keys:
+        return ""
+    parts = [k.split(".") for k in keys]
+    common: list[str] = []
+    for comps in zip(*parts, strict=False):
+        if len(set(comps)) != 1:
+            break
+        common.append(comps[0])
+    while common:
+        n = len(common)
+        if all(len(p) - n >= 2 and not p[n].isdigit() for p in parts) and not any(
+            c.isdigit() for c in common
+        ):
+            return ".".join(common) + "."
+        common.pop()
+    return ""
+
+
 def _strip_prefixes(sd: Mapping[str, Tensor]) -> dict[str, Tensor]:
     out = dict(sd)
     changed = True
@@ -97,6 +135,11 @@ def _strip_prefixes(sd: Mapping[str, Tensor]) -> dict[str, Tensor]:
             n = len(_BACKBONE_PREFIX)
             out = {k[n:]: v for k, v in out.items() if k.startswith(_BACKBONE_PREFIX)}
             changed = True
+        if not changed:
+            prefix = strip_common_prefix(list(out))
+            if prefix:
+                out = {k[len(prefix) :]: v for k, v in out.items()}
+                changed = True
     return out
 
 
@@ -127,10 +170,13 @@ def unwrap_state_dict(obj: Any) -> dict[str, Tensor]:
             return unwrap_state_dict(obj["backbone"])
         for key in _WRAPPER_KEYS:
             inner = obj.get(key)
-            if isinstance(inner, (Mapping, nn.Module)) and (
-                isinstance(inner, nn.Module) or _is_state_dict(inner)
-            ):
+            if isinstance(inner, nn.Module) or _is_state_dict(inner):
                 return unwrap_state_dict(inner)
+            if isinstance(inner, Mapping):  # a wrapper inside a wrapper
+                try:
+                    return unwrap_state_dict(inner)
+                except AnalysisError:
+                    continue
         if _is_state_dict(obj):
             return _strip_prefixes({k: v for k, v in obj.items() if isinstance(v, Tensor)})
     raise AnalysisError(
@@ -143,7 +189,12 @@ def load_state_dict(source: Source) -> dict[str, Tensor]:
     """Load ``source`` (module, dict, file or run directory) as a backbone state dict on CPU."""
     if isinstance(source, (str, os.PathLike)):
         path = resolve_checkpoint_path(source)
-        return unwrap_state_dict(_torch_load(path))
+        try:
+            return unwrap_state_dict(_torch_load(path))
+        except AnalysisError as exc:
+            if str(path) in str(exc):
+                raise
+            raise AnalysisError(f"{str(path)!r}: {exc}") from exc
     return unwrap_state_dict(source)
 
 
@@ -159,7 +210,8 @@ def conv_weights(sd: Mapping[str, Tensor]) -> dict[str, Tensor]:
 def first_conv(sd: Mapping[str, Tensor], layer: str | None = None) -> tuple[str, Tensor]:
     """The first-layer conv weight of ``sd`` as ``(name, weight)``.
 
-    ``layer`` picks a tensor by name (prefixes already stripped); otherwise ``conv1.weight``
+    ``layer`` picks a tensor by name (with or without the wrapper prefix the loader stripped:
+    ``module.conv1.weight`` finds ``conv1.weight``); otherwise ``conv1.weight``
     (insightface iresnet), else the first conv weight with 3 input channels, else the first
     conv weight.
 
@@ -167,9 +219,12 @@ def first_conv(sd: Mapping[str, Tensor], layer: str | None = None) -> tuple[str,
         AnalysisError: ``layer`` is missing or no conv weight exists.
     """
     if layer is not None:
-        if layer not in sd:
-            near = [k for k in conv_weights(sd)][:10]
-            raise AnalysisError(f"no tensor {layer!r} in the state dict; conv weights: {near}")
+        if layer not in sd:  # named with the wrapper prefix the loader stripped?
+            found = [k for k in sd if layer.endswith("." + k)]
+            if not found:
+                near = [k for k in conv_weights(sd)][:10]
+                raise AnalysisError(f"no tensor {layer!r} in the state dict; conv weights: {near}")
+            layer = max(found, key=len)  # the most specific: layer1.0.conv1, not conv1
         w = sd[layer]
         if w.dim() < 2 or not w.is_floating_point():
             raise AnalysisError(f"{layer!r} has shape {tuple(w.shape)}: not a filter bank")

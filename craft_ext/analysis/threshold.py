@@ -30,6 +30,7 @@ __all__ = [
     "IMAGE_EXTENSIONS",
     "find_layer",
     "format_sweep",
+    "input_size",
     "load_images",
     "threshold_sweep",
 ]
@@ -140,6 +141,18 @@ def find_layer(model: nn.Module, layer: str | None = None) -> tuple[str, nn.Para
     return k, convs[k]
 
 
+def input_size(model: nn.Module, default: tuple[int, int] = (112, 112)) -> tuple[int, int]:
+    """The (H, W) input size ``model`` was built for: its ``input_size`` attribute
+    (craft_ext iresnet / MobileFaceNet, whose size :func:`craft_ext.models.infer_network`
+    recovers from a checkpoint's head), else ``default``."""
+    size = getattr(model, "input_size", None)
+    if isinstance(size, int):
+        return (size, size)
+    if isinstance(size, (tuple, list)) and len(size) == 2 and all(isinstance(v, int) for v in size):
+        return (int(size[0]), int(size[1]))
+    return default
+
+
 def _embed(model: nn.Module, images: Tensor, batch_size: int) -> Tensor:
     outs = []
     for i in range(0, images.shape[0], batch_size):
@@ -172,15 +185,18 @@ def threshold_sweep(
         batch_size: forward batch size.
         layer: parameter name of the layer to zero (default: first conv).
         network: network name when building from weights (default: inferred).
-        size: (H, W) input size (default 112 x 112).
+        size: (H, W) input size (default :func:`input_size`: the network's own, e.g. 64 for
+            a craft-train demo checkpoint, whose ``fc`` expects a 64 x 64 input).
 
     Returns:
-        dict with ``layer``, ``filters``, ``images`` and ``results``: one entry per theta with
+        dict with ``layer``, ``filters``, ``images``, ``input_size`` ([H, W]) and ``results``:
+        one entry per theta with
         ``theta``, ``zeroed`` (count), ``indices``, ``cos_mean``, ``cos_min``, ``cos_max``.
         The model's weights are restored afterwards.
     """
     net = load_model(model, network=network)
-    images = load_images(data, n=n, size=size or (112, 112))
+    size = size or input_size(net)
+    images = load_images(data, n=n, size=size)
     name, weight = find_layer(net, layer)
     device = weight.device
     images = images.to(device=device, dtype=weight.dtype)
@@ -216,6 +232,7 @@ def threshold_sweep(
         "layer": name,
         "filters": int(weight.shape[0]),
         "images": int(images.shape[0]),
+        "input_size": [int(images.shape[-2]), int(images.shape[-1])],
         "results": results,
     }
 
@@ -223,7 +240,8 @@ def threshold_sweep(
 def format_sweep(result: dict[str, Any]) -> str:
     """Human-readable table of a :func:`threshold_sweep` result."""
     lines = [
-        f"layer {result['layer']}: {result['filters']} filters, {result['images']} images",
+        f"layer {result['layer']}: {result['filters']} filters, {result['images']} images"
+        + (" at {}x{} px".format(*result["input_size"]) if "input_size" in result else ""),
         f"{'theta':>10} {'zeroed':>7} {'cos mean':>10} {'cos min':>10}",
     ]
     for r in result["results"]:
