@@ -38,21 +38,43 @@ def _rows(weight: Tensor) -> Tensor:
     return weight.reshape(weight.shape[0], -1)
 
 
+def sqrt_rn(x: Tensor) -> Tensor:
+    """IEEE (correctly rounded) float32 square root of float32 ``x``.
+
+    ``torch.sqrt`` on CPU goes through a vector math library accurate to about 1 ulp, not
+    correctly rounded (about 14% of random float32 inputs differ in the last bit from IEEE
+    sqrt), while the C++ (``std::sqrt``), CUDA (``sqrtf``) and Triton (``sqrt_rn``) kernels
+    round correctly. This takes torch's result y and picks, among y and its two float32
+    neighbours, the one whose rounding interval holds x: the midpoints m between neighbours
+    and their squares are exact in float64, and r = sqrt_rn(x) is the value with
+    (r - ulp / 2)^2 < x < (r + ulp / 2)^2 (no ties are possible). A no-op where torch's sqrt
+    is already correctly rounded (CUDA); NaN, Inf, 0 and negative inputs keep torch's value.
+    """
+    y = torch.sqrt(x)
+    lo = torch.nextafter(y, torch.full_like(y, -torch.inf))
+    hi = torch.nextafter(y, torch.full_like(y, torch.inf))
+    xd, yd = x.double(), y.double()
+    m_lo, m_hi = (yd + lo.double()) * 0.5, (yd + hi.double()) * 0.5
+    fixed = torch.where(m_hi * m_hi < xd, hi, torch.where(m_lo * m_lo > xd, lo, y))
+    return torch.where(torch.isfinite(y) & (y > 0), fixed, y)
+
+
 def folded_scale(bn_weight: Tensor | None, running_var: Tensor, eps: float) -> Tensor:
     """Per-channel scale of a BatchNorm folded into the filters before it, float32 [N]::
 
         s_i = gamma_i / sqrt(running_var_i + eps)        (gamma_i = 1 when bn_weight is None)
 
-    computed in float32 (``eps`` rounded to float32, then add, correctly rounded sqrt, divide).
+    computed in float32 (``eps`` rounded to float32, then add, correctly rounded sqrt
+    (:func:`sqrt_rn`), divide).
     In eval mode BN(conv_i(x)) = s_i * conv_i(x) + const, so ``w_i * s_i`` is the filter the
-    network really applies. NaN / Inf in gamma or var give a NaN / Inf scale (such a channel is
-    neither inactive nor a donor).
+    network really applies. Where gamma or var is NaN or Inf (or var + eps < 0) the scale is
+    NaN: such a channel is neither inactive nor a donor (a var of Inf would otherwise fold the
+    filter to 0 and call a broken channel dead).
     """
     v = running_var.to(torch.float32)
-    denom = torch.sqrt(v + eps)
-    if bn_weight is None:
-        return torch.ones_like(denom) / denom
-    return bn_weight.to(torch.float32) / denom
+    g = torch.ones_like(v) if bn_weight is None else bn_weight.to(torch.float32)
+    s = g / sqrt_rn(v + eps)
+    return torch.where(torch.isfinite(g) & torch.isfinite(v), s, torch.nan)
 
 
 def filter_stats(

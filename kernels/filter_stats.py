@@ -168,6 +168,8 @@ def _filter_stats_kernel(
         else:
             gamma = tl.full((BLOCK_N,), 1.0, tl.float32)
         s = tl.div_rn(gamma, tl.sqrt_rn(var + eps))
+        finite = (tl.abs(gamma) < float("inf")) & (tl.abs(var) < float("inf"))
+        s = tl.where(finite, s, float("nan"))  # as reference.folded_scale
         a = tl.abs(s)
         run_max = run_max * a
         out_l1 = out_l1 * a

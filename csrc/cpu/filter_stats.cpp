@@ -170,7 +170,10 @@ void fold_bn(const at::Tensor& bn_weight, const at::Tensor& running_var, double 
   float* p_mean = mean.mutable_data_ptr<float>();
   float* p_std = std.mutable_data_ptr<float>();
   for (int64_t i = 0; i < n; ++i) {
-    const float s = (g != nullptr ? g[i] : 1.0f) / std::sqrt(v[i] + e);
+    const float gamma = g != nullptr ? g[i] : 1.0f;
+    const float s = std::isfinite(gamma) && std::isfinite(v[i])
+                        ? gamma / std::sqrt(v[i] + e)
+                        : std::numeric_limits<float>::quiet_NaN();  // as reference.folded_scale
     const float a = std::fabs(s);
     p_max[i] *= a;
     p_l1[i] *= a;

@@ -206,7 +206,7 @@ void read_floats(const at::Tensor& t, float* out) {
 }
 
 // a[i] = |bn_weight[i] / sqrt(running_var[i] + eps)| in float32, as reference.folded_scale
-// (bn_weight absent: 1), for folded detection. NaN / Inf propagate.
+// (bn_weight absent: 1), for folded detection; NaN where gamma or var is not finite.
 void folded_abs_scale(const Channel& ch, int64_t n, float* a) {
   c10::SmallVector<float, 512> var(n);
   read_floats(*ch.running_var(), var.data());
@@ -214,7 +214,9 @@ void folded_abs_scale(const Channel& ch, int64_t n, float* a) {
   if (ch.bn_weight().has_value()) read_floats(*ch.bn_weight(), a);
   for (int64_t i = 0; i < n; ++i) {
     const float gamma = ch.bn_weight().has_value() ? a[i] : 1.0f;
-    a[i] = std::fabs(gamma / std::sqrt(var[i] + eps));
+    a[i] = std::isfinite(gamma) && std::isfinite(var[i])
+               ? std::fabs(gamma / std::sqrt(var[i] + eps))
+               : std::numeric_limits<float>::quiet_NaN();
   }
 }
 

@@ -132,8 +132,12 @@ __global__ void __launch_bounds__(kBlockThreads)
     float out_std = static_cast<float>(sqrt(var));
     if (fold_var != nullptr) {
       // the BN that follows folded in: s = gamma / sqrt(var + eps), IEEE float32 (no fast math)
-      const float s = (fold_gamma != nullptr ? fold_gamma[row] : 1.0f) /
-                      sqrtf(fold_var[row] + fold_eps);
+      const float gamma = fold_gamma != nullptr ? fold_gamma[row] : 1.0f;
+      const float var_i = fold_var[row];
+      // NaN where gamma or var is not finite (reference.folded_scale): x - x is 0 for finite
+      // x and NaN for Inf / NaN (IEEE arithmetic; no fast math in this build)
+      const float not_finite = (gamma - gamma) + (var_i - var_i);
+      const float s = not_finite == 0.0f ? gamma / sqrtf(var_i + fold_eps) : not_finite;
       const float a = fabsf(s);
       out_max *= a;
       out_l1 *= a;

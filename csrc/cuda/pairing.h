@@ -99,7 +99,8 @@ inline at::Tensor folded_abs_scale(const Channel& ch) {
   const at::Tensor denom = at::sqrt(var + ch.eps);
   const at::Tensor gamma =
       ch.bn_weight().has_value() ? ch.bn_weight()->to(at::kFloat) : at::ones_like(denom);
-  return (gamma / denom).abs_();
+  const at::Tensor finite = at::isfinite(gamma).logical_and(at::isfinite(var));
+  return at::where(finite, (gamma / denom).abs_(), std::numeric_limits<double>::quiet_NaN());
 }
 
 // reference.rewrite_channel_ with ATen ops: every given channel entry t of a reactivated filter
