@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import contextlib
 import hashlib
+import re
 import shutil
 from collections.abc import Iterator, Sequence
 
@@ -293,17 +294,28 @@ def test_reactivate_in_cuda_graph(method):
 # The whole CUDA backend (glue + kernels) on CPU, kernels under the host emulation
 # ---------------------------------------------------------------------------------------------
 
-_EMULATED_OPS = """
+
+def _schemas(*names: str) -> list[str]:
+    """The schemas of ``names`` as csrc/ops.cpp defines them (its m.def string literals)."""
+    text = (REPO / "csrc" / "ops.cpp").read_text()
+    found = {}
+    for block in re.findall(r"m\.def\(\s*((?:\"[^\"]*\"\s*)+)\)", text):
+        schema = "".join(re.findall(r'"([^"]*)"', block))
+        found[schema.split("(", 1)[0]] = schema
+    return [found[name] for name in names]
+
+
+_EMULATED_OPS = (
+    """
 #include "emulation/torch_glue_emulation.h"
 #include "filter_stats.cu"
 #include "reactivate.cu"
 
 TORCH_LIBRARY(craft_ext_emu, m) {
-  m.def("filter_stats(Tensor weight) -> (Tensor, Tensor, Tensor, Tensor)");
-  m.def("reactivate_(Tensor(a!) weight, Tensor(b!) used, Tensor order_key, Tensor fallback_u, "
-        "Tensor? noise, float threshold, str method) -> (Tensor, Tensor, Tensor, Tensor)");
-}
 """
+    + "".join(f'  m.def("{s}");\n' for s in _schemas("filter_stats", "reactivate_"))
+    + "}\n"
+)
 
 
 def _cuda_include() -> str | None:
@@ -415,3 +427,42 @@ def test_emulated_pairing_rules_match_reference(emulated_ops):
                         assert torch.equal(a, b), (name, *case)
                     assert torch.equal(used, used_ref), case
                     torch.testing.assert_close(w, w_ref, rtol=1e-6, atol=1e-6, equal_nan=True)
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("method", craft_ext.METHODS)
+@pytest.mark.parametrize("dtype", DTYPES, ids=str)
+def test_emulated_channel_matches_reference(emulated_ops, dtype, method):
+    """The CUDA backend's folded detection (filter_stats epilogue, pairing on folded L1) and
+    channel rewrite (pairing.h) against the reference, bit for bit."""
+    g = torch.Generator().manual_seed(3)
+    for n in (1, 9, 64):
+        w = (torch.randn(n, 3, 3, 3, generator=g, dtype=torch.float64) * 0.1).to(dtype)
+        w[torch.randperm(n, generator=g)[: n // 4]] *= 1e-3
+        bn = [
+            torch.rand(n, generator=g) + 0.1,  # gamma
+            torch.randn(n, generator=g),  # beta
+            torch.randn(n, generator=g),  # running_mean
+            torch.rand(n, generator=g) + 0.1,  # running_var
+        ]
+        bn[0][torch.randperm(n, generator=g)[: max(1, n // 5)]] = 1e-5  # dead through BN
+        if n > 4:
+            bn[0][2], bn[3][3] = float("nan"), float("inf")  # neither inactive nor donors
+        slope, bias = torch.rand(n, generator=g), torch.randn(n, generator=g)
+        used = torch.rand(n, generator=g) < 0.3
+        key, u = torch.rand(n, generator=g), torch.rand(n, generator=g)
+        noise = None if method == "craft" else torch.randn(w.shape, generator=g)
+        for folded in (False, True):
+            a = [t.clone() for t in (w, used, bias, *bn, slope)]
+            b = [t.clone() for t in (w, used, bias, *bn, slope)]
+            got = emulated_ops.reactivate_(*a[:2], key, u, noise, THR, method, *a[2:], 1e-5, folded)
+            want = reference.reactivate_(*b[:2], key, u, noise, THR, method, *b[2:], 1e-5, folded)
+            for name, x, y in zip(FIELDS, got, want, strict=True):
+                assert torch.equal(x, y), (name, n, folded)
+            for x, y in zip(a, b, strict=True):
+                assert torch.equal(x.nan_to_num(), y.nan_to_num()), (n, folded)
+            stats = emulated_ops.filter_stats(w, bn[0], bn[3], 1e-5)
+            ref = reference.filter_stats(w, bn[0], bn[3], 1e-5)
+            assert torch.equal(stats[0].nan_to_num(), ref[0].nan_to_num())
+            for x, y in zip(stats[1:], ref[1:], strict=True):
+                torch.testing.assert_close(x, y, rtol=1e-5, atol=1e-7, equal_nan=True)

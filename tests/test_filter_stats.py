@@ -162,3 +162,100 @@ def test_bad_input_errors():
         craft_ext.filter_stats([[1.0, 2.0]])
     with pytest.raises(ValueError, match="backend must be one of"):
         craft_ext.filter_stats(torch.randn(4, 3), backend="fortran")
+
+
+# ---------------------------------------------------------------------------------------------
+# Folded statistics: the BatchNorm after the layer folded in (BN-aware channels)
+# ---------------------------------------------------------------------------------------------
+
+
+def _bn(n, dtype, device, seed=0):
+    g = torch.Generator().manual_seed(seed)
+    bn = torch.nn.BatchNorm2d(n)
+    with torch.no_grad():
+        bn.weight.copy_(torch.randn(n, generator=g))
+        bn.weight[0] = 1e-4  # a channel dead through BN
+        bn.running_var.copy_(torch.rand(n, generator=g) * 2 + 1e-3)
+    return bn.to(dtype).to(device)
+
+
+def _folded_truth(x: torch.Tensor, bn: torch.nn.BatchNorm2d) -> tuple[torch.Tensor, ...]:
+    """Float64 statistics of the folded filters w_i * gamma_i / sqrt(var_i + eps)."""
+    s = bn.weight.double().cpu() / torch.sqrt(bn.running_var.double().cpu() + bn.eps)
+    return _truth(x.cpu().double() * s.view(-1, *[1] * (x.dim() - 1)))
+
+
+@pytest.mark.parametrize("device,backend", backend_params())
+@pytest.mark.parametrize("dtype", DTYPES, ids=str)
+@pytest.mark.parametrize("shape", [(1, 3, 3, 3), (7, 5), (64, 3, 3, 3), (129, 8, 3, 3)], ids=str)
+def test_folded_matches_reference_and_float64(device, backend, dtype, shape):
+    require_backend(device, backend, "filter_stats")
+    x = _weight(shape, dtype, device, seed=sum(shape))
+    bn = _bn(shape[0], dtype, device, seed=shape[0])
+    got = craft_ext.filter_stats(x, bn=bn, backend=backend)
+    want = reference.filter_stats(x, bn.weight, bn.running_var, bn.eps)
+    # the fold is one float32 product per filter after the same float32 statistics: max_abs
+    # is exact wherever the raw max_abs is (the backends' l1 / mean / std round like theirs)
+    raw = craft_ext.filter_stats(x, backend=backend)
+    s = reference.folded_scale(bn.weight, bn.running_var, bn.eps)
+    assert torch.equal(got.max_abs, raw.max_abs * s.abs())
+    torch.testing.assert_close(got.max_abs, want[0], rtol=0, atol=0)
+    # against float64: within 2x what folding with torch in the input's precision gets
+    truth = _folded_truth(x, bn)
+    s_col = s.detach().cpu().view(-1, *[1] * (x.dim() - 1))
+    torch_est = _same_precision_torch((x.cpu().float() * s_col).to(x.dtype))
+    if x.dtype == torch.float64:
+        torch_est = _same_precision_torch(x.cpu() * s_col.double())
+    for name, g, t, e in zip(got._fields, got, truth, torch_est, strict=True):
+        err = (g.cpu().double() - t).abs().max().item()
+        torch_err = (e.double() - t).abs().max().item()
+        floor = 4 * F32_EPS * t.abs().max().item() + 1e-30
+        assert err <= 2 * torch_err + floor, f"{name}: {err:.3g} > 2 x {torch_err:.3g} + floor"
+
+
+@pytest.mark.parametrize("device,backend", backend_params())
+def test_folded_non_finite_bn_gives_nan(device, backend):
+    """A channel whose gamma or running var is NaN / Inf has NaN folded statistics: neither
+    dead nor alive (a var of Inf would otherwise fold the filter to 0)."""
+    require_backend(device, backend, "filter_stats")
+    x = _weight((6, 3, 3, 3), torch.float32, device, seed=9)
+    bn = _bn(6, torch.float32, device)
+    with torch.no_grad():
+        bn.weight[1] = float("nan")
+        bn.weight[2] = float("inf")
+        bn.running_var[3] = float("inf")
+        bn.running_var[4] = -1.0  # var + eps < 0
+    got = craft_ext.filter_stats(x, bn=bn, backend=backend)
+    for field in got:
+        assert field[1:5].isnan().all()
+        assert not field[[0, 5]].isnan().any()
+
+
+@pytest.mark.parametrize("device,backend", backend_params())
+def test_folded_opcheck(device, backend):
+    require_backend(device, backend, "filter_stats")
+    if backend == "reference":
+        pytest.skip("the reference is plain PyTorch, not an operator")
+    op = (
+        torch.ops.craft_ext.filter_stats_triton.default
+        if backend == "triton"
+        else torch.ops.craft_ext.filter_stats.default
+    )
+    utils = OPCHECK_TESTS[:3] if backend == "triton" and device == "cpu" else OPCHECK_TESTS
+    x = _weight((7, 3, 3, 3), torch.float32, device, seed=10)
+    bn = _bn(7, torch.float32, device)
+    for gamma in (bn.weight.detach(), None):
+        args = (x, gamma, bn.running_var, 1e-5)
+        torch.library.opcheck(op, args, test_utils=utils)
+
+
+def test_folded_bad_bn():
+    x = torch.randn(8, 3, 3, 3)
+    with pytest.raises(ValueError, match="bn: .* has 6 channels"):
+        craft_ext.filter_stats(x, bn=torch.nn.BatchNorm2d(6))
+    with pytest.raises(TypeError, match="expected a BatchNorm module"):
+        craft_ext.filter_stats(x, bn=torch.nn.GroupNorm(2, 8))
+    with pytest.raises(ValueError, match="no running statistics"):
+        craft_ext.filter_stats(x, bn=torch.nn.BatchNorm2d(8, track_running_stats=False))
+    frozen = torch.nn.BatchNorm2d(8).requires_grad_(False)  # statistics of a frozen BN: fine
+    assert craft_ext.filter_stats(x, bn=frozen).max_abs.shape == (8,)

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import copy
 import math
 
 import pytest
@@ -364,3 +365,113 @@ def test_bad_weights_raise():
         craft_ext.reactivate_(torch.zeros(1, 3).expand(4, 3))
     with pytest.raises(RuntimeError, match="backend 'cuda' cannot run"):
         craft_ext.reactivate_(torch.zeros(4, 3), backend="cuda")
+
+
+# ---------------------------------------------------------------------------------------------
+# BN-aware channels: folded detection and the channel entries, every backend vs the reference
+# ---------------------------------------------------------------------------------------------
+
+
+def channel(n, *, seed, dtype=torch.float32, device="cpu", bn_dtype=None):
+    """A weight [n, 3, 3, 3] (some filters dead by weight) with a BatchNorm (some channels dead
+    only through it: gamma 1e-4, raw max |w| ~5e-3) and a PReLU, as modules."""
+    w, used = planted((n, 3, 3, 3), n // 4, seed=seed, dtype=dtype, device=device, used_frac=0.2)
+    g = torch.Generator().manual_seed(seed + 1)
+    bn = torch.nn.BatchNorm2d(n)
+    prelu = torch.nn.PReLU(n)
+    with torch.no_grad():
+        bn.weight.copy_(torch.rand(n, generator=g) + 0.1)
+        bn.bias.copy_(torch.randn(n, generator=g))
+        bn.running_mean.copy_(torch.randn(n, generator=g))
+        bn.running_var.copy_(torch.rand(n, generator=g) + 0.1)
+        prelu.weight.copy_(torch.rand(n, generator=g))
+        rows = torch.randperm(n, generator=g)[: max(1, n // 5)]
+        bn.weight[rows] = 1e-4
+        w[rows.to(device)] *= 5e-3 / w[rows.to(device)].abs().amax((1, 2, 3), keepdim=True)
+    bn_dtype = bn_dtype or dtype
+    return w, used, bn.to(bn_dtype).to(device), prelu.to(bn_dtype).to(device)
+
+
+def _entries(bn, prelu):
+    return [bn.weight, bn.bias, bn.running_mean, bn.running_var, prelu.weight]
+
+
+@pytest.mark.parametrize("device,backend", backend_params())
+@pytest.mark.parametrize("method", craft_ext.METHODS)
+@pytest.mark.parametrize("dtype", DTYPES, ids=str)
+@pytest.mark.parametrize("n", [1, 7, 64, 129])
+@pytest.mark.parametrize("criterion", ["weight", "folded"])
+def test_channel_backend_matches_reference(device, backend, method, dtype, n, criterion):
+    require_backend(device, backend, "reactivate_")
+    bn_dtype = torch.float32 if dtype != torch.float64 else dtype  # BN params stay float32
+    w, used, bn, prelu = channel(n, seed=n, dtype=dtype, device=device, bn_dtype=bn_dtype)
+    w_ref, used_ref = w.clone(), used.clone()
+    bn_ref, prelu_ref = copy.deepcopy(bn), copy.deepcopy(prelu)
+    kw = {"method": method, "criterion": criterion, "threshold": THR}
+    gen = torch.Generator(device=device).manual_seed(3)
+    gen_ref = torch.Generator(device=device).manual_seed(3)
+    with torch.no_grad():
+        res = craft_ext.reactivate_(
+            w, used=used, bn=bn, prelu=prelu, generator=gen, backend=backend, **kw
+        )
+        want = craft_ext.reactivate_(
+            w_ref,
+            used=used_ref,
+            bn=bn_ref,
+            prelu=prelu_ref,
+            generator=gen_ref,
+            backend="reference",
+            **kw,
+        )
+    for name, g, e in zip(res._fields, res, want, strict=True):
+        assert torch.equal(g, e), f"{name} differs from the reference"
+    assert torch.equal(used, used_ref)
+    for got, exp in zip(_entries(bn, prelu), _entries(bn_ref, prelu_ref), strict=True):
+        assert torch.equal(got, exp), "channel entries must match bit for bit"
+    if method == "craft":
+        assert torch.equal(w, w_ref)
+    else:
+        tol = {torch.float16: 1e-3, torch.bfloat16: 8e-3}.get(dtype, 1e-6)
+        torch.testing.assert_close(w, w_ref, rtol=tol, atol=tol)
+    if criterion == "folded" and method != "random" and int(res.count):
+        stats = craft_ext.filter_stats(w, bn=bn, backend="reference")
+        assert (stats.max_abs[res.reactivated] > THR).all(), "revived through BN"
+
+
+@pytest.mark.parametrize("device,backend", backend_params())
+def test_channel_non_finite_bn_is_neither_inactive_nor_donor(device, backend):
+    require_backend(device, backend, "reactivate_")
+    w, _, bn, prelu = channel(12, seed=4, device=device)
+    stats = craft_ext.filter_stats(w, bn=bn, backend="reference")
+    strongest = int(torch.argmax(torch.where(stats.max_abs > THR, stats.l1, -1.0)))
+    with torch.no_grad():
+        bn.weight[strongest] = float("nan")
+        dead = int(torch.nonzero(stats.max_abs <= THR)[0])
+        bn.running_var[dead] = float("inf")  # would fold to 0 and look dead
+    with torch.no_grad():
+        res = craft_ext.reactivate_(w, bn=bn, prelu=prelu, criterion="folded", backend=backend)
+    assert not res.inactive[strongest] and not res.inactive[dead]
+    assert not res.reactivated[[strongest, dead]].any()
+    assert (res.donor != strongest).all() and (res.donor != dead).all()
+
+
+@pytest.mark.parametrize("device,backend", backend_params())
+def test_channel_opcheck(device, backend):
+    require_backend(device, backend, "reactivate_")
+    if backend == "reference":
+        pytest.skip("the reference is plain PyTorch, not an operator")
+    op = (
+        torch.ops.craft_ext.reactivate_triton_.default
+        if backend == "triton"
+        else torch.ops.craft_ext.reactivate_.default
+    )
+    utils = OPCHECK_TESTS[:3] if backend == "triton" and device == "cpu" else OPCHECK_TESTS
+    for method in craft_ext.METHODS:
+        w, used, bn, prelu = channel(9, seed=14, device=device)
+        key = torch.rand(9, device=device)
+        u = torch.rand(9, device=device)
+        noise = None if method == "craft" else torch.randn(w.shape, device=device)
+        entries = [t.detach().clone() for t in _entries(bn, prelu)]
+        bias = torch.randn(9, device=device)
+        args = (w, used, key, u, noise, THR, method, bias, *entries[:4], entries[4], 1e-5, True)
+        torch.library.opcheck(op, args, test_utils=utils)
