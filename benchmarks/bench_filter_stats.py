@@ -73,3 +73,58 @@ def test_filter_stats(benchmark, tools, bench_device, shape_id, impl):
         own_s=lambda: tools.median_seconds(fn, device, rounds=rounds),
         bytes_moved=w.numel() * w.element_size() + 4 * 4 * w.shape[0],
     )
+
+
+def naive_folded_filter_stats(
+    w: torch.Tensor, bn: torch.nn.BatchNorm2d
+) -> tuple[torch.Tensor, ...]:
+    """What a user writes for the BN-folded filters: fold (a full copy), then four reductions."""
+    s = bn.weight / torch.sqrt(bn.running_var + bn.eps)
+    return naive_filter_stats(w * s.view(-1, *[1] * (w.dim() - 1)))
+
+
+@pytest.mark.parametrize("impl", IMPLS)
+@pytest.mark.parametrize("shape_id", list(SHAPES))
+def test_filter_stats_folded(benchmark, tools, bench_device, shape_id, impl):
+    """Folded statistics (``bn=``): must cost about what the weight-only op costs (the fold is
+    a per-filter product in the epilogue). ``extra_info["ratio_vs_weight_only"]``: folded over
+    weight-only time of the same backend, measured in alternation."""
+    device = bench_device
+    tools.require(device, "filter_stats", impl)
+    w = _weight(SHAPES[shape_id], device)
+    bn = torch.nn.BatchNorm2d(w.shape[0]).to(device).eval()
+    with torch.no_grad():
+        bn.running_var.uniform_(0.5, 2.0)
+
+    def naive() -> None:
+        with torch.no_grad():
+            naive_folded_filter_stats(w, bn)
+        tools.synchronize(device)
+
+    def run() -> None:
+        craft_ext.filter_stats(w, bn=bn, backend=impl)
+        tools.synchronize(device)
+
+    def weight_only() -> None:
+        craft_ext.filter_stats(w, backend=impl)
+        tools.synchronize(device)
+
+    fn = naive if impl == "naive" else run
+    rounds = 5 if device == "cpu" else 50
+    naive_s = tools.naive_seconds(
+        ("filter_stats_folded", device, shape_id),
+        lambda: tools.median_seconds(naive, device, rounds=rounds),
+    )
+    benchmark(fn)
+    tools.record(
+        benchmark,
+        device=device,
+        impl=impl,
+        naive_s=naive_s,
+        own_s=lambda: tools.median_seconds(fn, device, rounds=rounds),
+        bytes_moved=w.numel() * w.element_size() + 4 * 4 * w.shape[0] + 2 * 4 * w.shape[0],
+    )
+    if impl != "naive":
+        reps = 200 if w.numel() < 1e5 else 5
+        ratio, _, _ = tools.interleaved(weight_only, run, device, rounds=7, reps=reps)
+        benchmark.extra_info["ratio_vs_weight_only"] = ratio

@@ -106,3 +106,59 @@ def test_reactivate_craft(benchmark, tools, bench_device, shape_id, impl):
         own_s=lambda: tools.median_seconds(fn, device, setup=restore, rounds=rounds),
         bytes_moved=w0.numel() * w0.element_size() + 2 * n_inactive * row_bytes,
     )
+
+
+def _channel(n: int, device: str) -> tuple[torch.nn.BatchNorm2d, torch.nn.PReLU]:
+    """The BatchNorm and PReLU after the weight, with the planted filters' channels dead only
+    through BN (gamma 1e-4): the folded criterion finds them, as the weight criterion finds the
+    planted filters."""
+    g = torch.Generator().manual_seed(1)
+    bn, prelu = torch.nn.BatchNorm2d(n), torch.nn.PReLU(n)
+    with torch.no_grad():
+        bn.weight.copy_(torch.rand(n, generator=g) + 0.1)
+        bn.running_var.copy_(torch.rand(n, generator=g) + 0.5)
+    return bn.to(device), prelu.to(device)
+
+
+@pytest.mark.parametrize("impl", IMPLS[1:])
+@pytest.mark.parametrize("shape_id", list(SHAPES))
+def test_reactivate_craft_bn_aware(benchmark, tools, bench_device, shape_id, impl):
+    """BN-aware CRAFT (folded criterion, the whole channel rewritten) on the same layer: the
+    extra work is [N] vectors. ``extra_info["ratio_vs_weight_only"]``: its time over the
+    weight-only op's on the same backend (same planted filters), measured in alternation."""
+    device = bench_device
+    tools.require(device, "reactivate_", impl)
+    w0, used0 = _planted(SHAPES[shape_id], device)
+    bn, prelu = _channel(w0.shape[0], device)
+    saved = [t.detach().clone() for t in (bn.weight, bn.bias, bn.running_mean, bn.running_var)]
+    w, used = w0.clone(), used0.clone()
+
+    def restore() -> None:
+        w.copy_(w0)
+        used.copy_(used0)
+        with torch.no_grad():
+            entries = (bn.weight, bn.bias, bn.running_mean, bn.running_var)
+            for t, s in zip(entries, saved, strict=True):
+                t.copy_(s)
+        tools.synchronize(device)
+
+    def run() -> None:
+        with torch.no_grad():
+            craft_ext.reactivate_(
+                w, used=used, bn=bn, prelu=prelu, criterion="folded", backend=impl
+            )
+        tools.synchronize(device)
+
+    def weight_only() -> None:
+        craft_ext.reactivate_(w, used=used, threshold=THRESHOLD, backend=impl)
+        tools.synchronize(device)
+
+    rounds = 5 if device == "cpu" else 50
+    benchmark.pedantic(run, setup=restore, rounds=rounds, warmup_rounds=1)
+    seconds = tools.benchmark_median(
+        benchmark, lambda: tools.median_seconds(run, device, setup=restore, rounds=rounds)
+    )
+    base = tools.median_seconds(weight_only, device, setup=restore, rounds=rounds)
+    benchmark.extra_info.update(
+        {"impl": impl, "median_s": seconds, "ratio_vs_weight_only": seconds / base}
+    )
