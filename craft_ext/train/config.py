@@ -76,6 +76,7 @@ class TrainConfig:
     threshold: float = 1e-3
     reactivate_every: int | None = None
     plant_inactive: int = 0
+    plant_through: str = "weight"
     # bookkeeping
     output: str = "craft_runs/latest"
     resume: str | None = None
@@ -131,6 +132,10 @@ class TrainConfig:
             ),
             (self.embedding_size >= 1, "embedding_size must be >= 1"),
             (self.plant_inactive >= 0, "plant_inactive must be >= 0"),
+            (
+                self.plant_through in ("weight", "bn"),
+                f"plant_through must be 'weight' or 'bn', got {self.plant_through!r}",
+            ),
             (self.warmup_epochs >= 0, "warmup_epochs must be >= 0"),
             (self.clip_grad is None or self.clip_grad > 0, "clip_grad must be > 0 or unset"),
             (self.on_error in ("raise", "skip"), "on_error must be 'raise' or 'skip'"),
@@ -289,6 +294,13 @@ def build_parser() -> argparse.ArgumentParser:
         type=int,
         help="demo: make this many first-layer filters inactive at the first epoch end, before "
         "reactivation (simulates filters that died in a long run)",
+    )
+    g.add_argument(
+        "--plant-through",
+        choices=("weight", "bn"),
+        help="how --plant-inactive kills channels: 'weight' scales the filters by 1e-4 (dead "
+        "by the paper's rule); 'bn' sets their BatchNorm gamma to 1e-4 with filters at max |w| "
+        "5e-3 (dead only through BN, as in released models). Default weight",
     )
     g = p.add_argument_group("run")
     g.add_argument("--output", help=f"run directory (default {d.output})")

@@ -315,6 +315,10 @@ class Trainer:
         self.last_good_checkpoint: Path | None = None
         if cfg.plant_inactive:  # checked now, not after the first epoch that plants them
             self._first_conv_weight(cfg.plant_inactive)
+            if cfg.plant_through == "bn" and not self.channels[self.layers[0]].has_bn:
+                raise ValueError(
+                    f"--plant-through bn: {self.layers[0]} is followed by no BatchNorm"
+                )
         if cfg.resume is not None:
             self._load(cfg.resume)
         self.logger = RunLogger(
@@ -340,11 +344,21 @@ class Trainer:
         return w
 
     def _plant_inactive(self, count: int) -> None:
+        """Kill ``count`` first-layer channels (demo / stress test), chosen by the seed:
+        ``plant_through="weight"`` scales their filters by 1e-4 (dead by the paper's rule);
+        ``"bn"`` sets their BatchNorm gamma to 1e-4 and scales their filters to max |w| = 5e-3
+        (dead only through BN, as in released models: the weight rule misses them)."""
         w = self._first_conv_weight(count)
         g = torch.Generator().manual_seed(self.cfg.seed + 99)
         rows = torch.randperm(w.shape[0], generator=g)[:count].to(w.device)
         with torch.no_grad():
-            w[rows] *= 1e-4
+            if self.cfg.plant_through == "bn":
+                ch = self.channels[self.layers[0]]
+                peak = w[rows].abs().flatten(1).amax(1).clamp_min(1e-30)
+                w[rows] *= (5e-3 / peak).view(-1, *[1] * (w.dim() - 1)).to(w.dtype)
+                ch.bn_weight[rows] = 1e-4  # type: ignore[index]
+            else:
+                w[rows] *= 1e-4
 
     def _layer_stats(self, name: str) -> dict[str, Tensor]:
         """Filter statistics of layer ``name`` on the host: ``max_abs``, ``l1``, ``mean``,
