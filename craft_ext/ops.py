@@ -27,7 +27,6 @@ indexing or branching on tensor values, so they run under
 from __future__ import annotations
 
 import contextlib
-import contextvars
 import functools
 import math
 import os
@@ -81,9 +80,11 @@ class Reactivation(NamedTuple):
 # Backend selection
 # --------------------------------------------------------------------------------------------
 
-_BACKEND_OVERRIDE: contextvars.ContextVar[str | None] = contextvars.ContextVar(
-    "craft_ext_backend", default=None
-)
+#: backends forced by the :func:`use_backend` blocks that are open, innermost last. A plain
+#: module-level list (not a ContextVar, which Dynamo cannot trace): ``torch.compile`` reads it
+#: and guards on it, so a default-backend op traces with ``fullgraph=True``. Blocks opened in
+#: several threads at once share it (the innermost open block wins).
+_BACKEND_STACK: list[str] = []
 #: ``$CRAFT_EXT_BACKEND`` as it was at import: the process-wide default (read once, so that the
 #: per-step calls of a Reactivator do not look the environment up every step)
 _ENV_BACKEND: str | None = os.environ.get("CRAFT_EXT_BACKEND") or None
@@ -93,11 +94,11 @@ _ENV_BACKEND: str | None = os.environ.get("CRAFT_EXT_BACKEND") or None
 def use_backend(name: str) -> Iterator[None]:
     """Force ``name`` (one of :data:`BACKENDS`) for craft_ext ops called inside the block."""
     _check_backend_name(name, "name")
-    token = _BACKEND_OVERRIDE.set(name)
+    _BACKEND_STACK.append(name)
     try:
         yield
     finally:
-        _BACKEND_OVERRIDE.reset(token)
+        _BACKEND_STACK.pop()
 
 
 def _check_backend_name(name: object, arg: str) -> None:
@@ -160,7 +161,10 @@ def resolve_backend(device: torch.device, op: str, backend: str | None = None) -
     requested = _requested_backend(backend)
     if requested not in BACKENDS:
         _check_backend_name(requested, "backend")
-    usable = _available(device.type, op, os.environ.get("TRITON_INTERPRET", "") == "1")
+    # under torch.compile the answer is a trace-time constant: skip the cache wrapper (Dynamo
+    # would trace through it anyway, with a warning)
+    available = _available.__wrapped__ if torch.compiler.is_compiling() else _available
+    usable = available(device.type, op, os.environ.get("TRITON_INTERPRET", "") == "1")
     if requested == "auto":
         # interpreted Triton on CPU (TRITON_INTERPRET=1) is for testing, never chosen by auto
         return next(b for b in usable if not (b == "triton" and device.type == "cpu"))
@@ -297,7 +301,7 @@ def filter_stats(
 
 def _requested_backend(backend: str | None) -> str:
     """The backend asked for: the argument, else :func:`use_backend`'s, else the environment."""
-    return backend or _BACKEND_OVERRIDE.get() or _ENV_BACKEND or "auto"
+    return backend or (_BACKEND_STACK[-1] if _BACKEND_STACK else None) or _ENV_BACKEND or "auto"
 
 
 @functools.cache
@@ -313,6 +317,8 @@ def _resolve_fast(device: torch.device, op: str, backend: str | None) -> str:
     # $TRITON_INTERPRET only decides whether Triton may run on CPU tensors, and only an
     # explicit request picks Triton there, so the common case skips reading it
     interpret = requested == "triton" and os.environ.get("TRITON_INTERPRET", "") == "1"
+    if torch.compiler.is_compiling():  # a trace-time constant; no cache wrapper to trace
+        return resolve_backend(torch.device(device.type), op, requested)
     return _resolve_cached(device.type, op, requested, interpret)
 
 

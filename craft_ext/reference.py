@@ -143,7 +143,7 @@ def craft_donors(
     """
     n = inactive.shape[0]
     device = inactive.device
-    inf = torch.tensor(float("inf"), device=device)
+    inf = float("inf")  # a Python scalar: torch.tensor(x, device=cuda) would be a host copy
     pos = torch.arange(n, device=device)
 
     cand = active & ~used
@@ -490,11 +490,10 @@ def feature_map_stats(
     corr = torch.where(either_constant, torch.zeros_like(corr), corr)
     eye = torch.eye(c, dtype=torch.bool, device=fmap.device)
     corr = torch.where(eye, torch.ones_like(corr), corr)
-    s_thr = torch.tensor(sum_threshold, dtype=torch.float32, device=fmap.device)
-    c_thr = torch.tensor(corr_threshold, dtype=torch.float32, device=fmap.device)
-    empty = total.abs() <= s_thr
+    # Python scalars compare in float32 (no torch.tensor(x, device=...): a host-to-device copy)
+    empty = total.abs() <= sum_threshold
     lower = torch.ones(c, c, dtype=torch.bool, device=fmap.device).tril(diagonal=-1)
-    redundant = ((corr >= c_thr) & lower).any(dim=2)
+    redundant = ((corr >= corr_threshold) & lower).any(dim=2)
     if not return_corr:
         corr = corr.new_empty((b, 0, 0))
     return total, corr, empty, redundant
