@@ -233,6 +233,7 @@ class Reactivator:
         #: the watched channels (weight, and BN / PReLU entries where given)
         self.channels: list[Channel] = [ch for _, ch in pairs]
         self.weights: list[Tensor] = [ch.weight for ch in self.channels]
+        self._has_cuda = any(w.is_cuda for w in self.weights)
         folded = self.criterion == "folded"
         #: operator arguments of each channel (empty for a weight alone, the paper's case)
         self._channel_args = [
@@ -338,7 +339,19 @@ class Reactivator:
 
     def _after_step(self, optimizer: torch.optim.Optimizer, args: Any, kwargs: Any) -> None:
         self.steps += 1
-        if self.interval is not None and self.steps % self.interval == 0:
+        interval = self.interval
+        if interval is None:
+            return
+        if interval > 1 and self._has_cuda and torch.cuda.is_current_stream_capturing():
+            # the step counter and the interval test run on the host, once, at capture: a
+            # captured step would then reactivate at every replay, or at none
+            raise RuntimeError(
+                f"craft_ext.Reactivator: a step with interval={interval} cannot be captured in "
+                "a CUDA graph (the interval is counted on the host, which replays skip); "
+                "attach with interval=1 (every replay reactivates) or None and call "
+                "reactivate() outside the graph, e.g. at epoch ends"
+            )
+        if self.steps % interval == 0:
             self._reactivate_recorded()
 
     # -- reactivation -----------------------------------------------------------------------
@@ -513,7 +526,9 @@ class Reactivator:
 
         Call before capture (``graph.register_generator_state`` for each CUDA generator);
         without it, capturing the random draws of a reactivation fails. Each replay then
-        draws fresh numbers, as an uncaptured step would.
+        draws fresh numbers, as an uncaptured step would. Only ``interval=1`` (every replay
+        reactivates) or ``interval=None`` can be captured: the interval is counted on the host,
+        so a captured step with ``interval > 1`` raises at capture time.
         """
         for gen in self._generators.values():
             if gen.device.type == "cuda":

@@ -630,3 +630,21 @@ def test_cpu_fused_path_matches_the_reference_backend(method):
         assert torch.equal(p_a, p_b)
         assert torch.equal(momentum(o_a, p_a), momentum(o_b, p_b))
     assert o_a.total_reactivated == o_b.total_reactivated
+
+
+@pytest.mark.cuda
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
+def test_cuda_graph_capture_refuses_interval_above_one():
+    """The interval is counted on the host: a captured step with interval > 1 would reactivate
+    at every replay or at none, so capture raises; interval=1 captures."""
+    conv = nn.Conv2d(3, 8, 3, bias=False).cuda()
+    opt = craft_ext.ReactivatingSGD(conv.parameters(), lr=0.1, reactivate=conv, interval=2)
+    conv.weight.grad = torch.zeros_like(conv.weight)
+    opt.step()  # warm up outside the graph
+    graph = torch.cuda.CUDAGraph()
+    opt.reactivator.register_cuda_graph(graph)
+    side = torch.cuda.Stream()
+    side.wait_stream(torch.cuda.current_stream())
+    with pytest.raises(RuntimeError, match="interval=2 cannot be captured"):
+        with torch.cuda.stream(side), torch.cuda.graph(graph):
+            opt.step()
