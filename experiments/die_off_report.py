@@ -9,6 +9,9 @@ Per run (arm, seed), from its run directory:
 * ``redeaths``: reactivation events (channel, epoch end) after which the channel is dead again
   at a later check (an epoch end) by the arm's own criterion; ``redeaths_folded`` by the folded
   criterion whatever the arm (a conv-only reactivation under a dead BN never comes alive);
+* ``revived_folded``: reactivation events after which the channel is alive through BN right
+  away (the epoch end's "after" statistics); ``reactivated_channels`` distinct channels ever
+  reactivated, ``reactivated_alive_end`` of them alive through BN at the end;
 * ``accuracy`` and ``tar_at_far_1e-2`` on the disjoint ``pairsDevTest.txt`` (1,000 pairs, 10
   folds), from the final backbone, evaluated again here (flip-augmented embeddings).
 
@@ -49,6 +52,9 @@ _METRICS = (
     "reactivated_total",
     "redeaths",
     "redeaths_folded",
+    "revived_folded",
+    "reactivated_channels",
+    "reactivated_alive_end",
     "accuracy",
     "tar_at_far_1e-2",
     "patterns",
@@ -73,6 +79,7 @@ def load_run(path: Path, layer: str = "conv1.weight") -> dict[str, Any]:
     cfg = summary["config"]
     stats = [r for r in _read_jsonl(path / "filter_stats.jsonl") if r["layer"] == layer]
     checks = {r["epoch"]: r for r in stats if r["when"] == "before"}
+    afters = {r["epoch"]: r for r in stats if r["when"] == "after"}
     events = [e for e in _read_jsonl(path / "reactivations.jsonl") if e["param"] == layer]
     own = "folded" if cfg.get("criterion") == "folded" else "weight"
     redeaths = {"weight": 0, "folded": 0}
@@ -86,6 +93,11 @@ def load_run(path: Path, layer: str = "conv1.weight") -> dict[str, Any]:
             if any(f in _dead(c, criterion) for c in later):
                 redeaths[criterion] += 1
     last = checks[max(checks)]
+    # alive through BN right after the reactivation (the "after" record of its epoch end)
+    revived = [(e, f) for e, f in revived if e in afters]
+    revived_folded = sum(f not in _dead(afters[e], "folded") for e, f in revived)
+    ever = {f for _, f in revived}
+    alive_end = len(ever - _dead(last, "folded"))
     return {
         "path": str(path),
         "seed": int(cfg["seed"]),
@@ -95,6 +107,9 @@ def load_run(path: Path, layer: str = "conv1.weight") -> dict[str, Any]:
         "reactivated_total": int(summary["reactivated_total"]),
         "redeaths": redeaths[own],
         "redeaths_folded": redeaths["folded"],
+        "revived_folded": revived_folded,
+        "reactivated_alive_end": alive_end,
+        "reactivated_channels": len(ever),
         "decay_budget": float(summary.get("decay_budget", float("nan"))),
         "trainer_accuracy": _trainer_accuracy(summary),
         "steps": int(summary["steps"]),
@@ -181,10 +196,11 @@ def table(arms: dict[str, Any], filters: int) -> str:
     """Markdown table of the per-arm means ± std (counts out of ``filters``)."""
     head = (
         f"| arm | seeds | dead, folded (/{filters}) | dead, weight (/{filters}) | reactivated "
-        "| re-deaths (own rule) | re-deaths (folded) | pairsDevTest acc. | TAR@FAR=1e-2 "
+        "| alive through BN right after | re-deaths (own rule) | re-deaths (folded) "
+        "| reactivated channels alive at the end | pairsDevTest acc. | TAR@FAR=1e-2 "
         "| patterns | acc. vs none (paired t p / Wilcoxon p) |"
     )
-    lines = [head, "|" + "---|" * 11]
+    lines = [head, "|" + "---|" * 13]
     for arm, e in arms.items():
         m, s = e["mean"], e["std"]
         test = e.get("vs_none", {}).get("accuracy")
@@ -196,8 +212,11 @@ def table(arms: dict[str, Any], filters: int) -> str:
             f" | {_fmt(m['dead_folded_final'], s['dead_folded_final'], 1)}"
             f" | {_fmt(m['dead_weight_final'], s['dead_weight_final'], 1)}"
             f" | {_fmt(m['reactivated_total'], s['reactivated_total'], 1)}"
+            f" | {_fmt(m['revived_folded'], s['revived_folded'], 1)}"
             f" | {_fmt(m['redeaths'], s['redeaths'], 1)}"
             f" | {_fmt(m['redeaths_folded'], s['redeaths_folded'], 1)}"
+            f" | {_fmt(m['reactivated_alive_end'], s['reactivated_alive_end'], 1)}"
+            f" / {_fmt(m['reactivated_channels'], s['reactivated_channels'], 1)}"
             f" | {_fmt(m['accuracy'], s['accuracy'], 4)}"
             f" | {_fmt(m['tar_at_far_1e-2'], s['tar_at_far_1e-2'], 3)}"
             f" | {_fmt(m['patterns'], s['patterns'], 1)} | {vs} |"
