@@ -32,11 +32,13 @@ from __future__ import annotations
 
 import warnings
 from collections.abc import Iterable, Mapping
-from typing import Any, NamedTuple
+from typing import Any
 
 import torch
 from torch import Tensor, nn
 
+from . import _events
+from ._events import EventLogs, ReactivationEvent
 from .channel import Channel, channels_of, check_criterion, watched_channels
 from .ops import (
     _FLOAT_DTYPES,
@@ -55,44 +57,6 @@ __all__ = ["ReactivationEvent", "Reactivator"]
 
 _STATE_KEY = "craft_reactivator"
 _FORMAT_VERSION = 1
-
-
-class ReactivationEvent(NamedTuple):
-    """One reactivation of one watched weight, on the host.
-
-    ``filters`` are the reactivated filter (row) indices in increasing order and ``donors[j]``
-    is the filter whose values ``filters[j]`` was built from (-1 where there is none, e.g. for
-    ``method="random"``). ``step`` is the number of optimizer steps taken before it.
-    """
-
-    step: int
-    name: str
-    method: str
-    filters: list[int]
-    donors: list[int]
-
-
-class _Pending(NamedTuple):
-    """k events of one weight still on the device: ``reactivated`` bool and ``donor`` int64
-    [k, N] ([N] for one event in states saved by older versions); ``seq`` (global order) and
-    ``steps`` have k entries each."""
-
-    seq: tuple[int, ...]
-    steps: tuple[int, ...]
-    name: str
-    method: str
-    reactivated: Tensor
-    donor: Tensor
-
-
-#: rows of an event log: the events of one watched weight are written (on the device, by the
-#: reactivation op itself) into rows of a [_LOG_ROWS, N] pair of tensors; a full log is kept as
-#: it is and a new one started, so recording allocates once per _LOG_ROWS events
-_LOG_ROWS = 256
-#: unread records beyond this many bytes of device memory are dropped, oldest first (with a
-#: warning): a loop that never reads events must not grow without bound (with ``interval=1``
-#: each step records N bools + N int64 per watched weight)
-_MAX_PENDING_BYTES = 64 << 20
 
 
 def _check_interval(interval: object) -> int | None:
@@ -153,29 +117,6 @@ def _shared_default_seed() -> int:
 
 def _nccl() -> bool:
     return torch.distributed.get_backend() == "nccl"
-
-
-class _Log:
-    """The open event log of one watched weight: rows [0, len(seq)) of ``reactivated`` bool
-    [R, N] and ``donor`` int64 [R, N] hold events not yet read; ``seq`` / ``steps`` (host) their
-    global order and optimizer step."""
-
-    __slots__ = ("reactivated", "donor", "seq", "steps")
-
-    def __init__(self, weight: Tensor) -> None:
-        n = weight.shape[0]
-        # rows are read only once written (up to len(seq))
-        self.reactivated = torch.empty(_LOG_ROWS, n, dtype=torch.bool, device=weight.device)
-        self.donor = torch.empty(_LOG_ROWS, n, dtype=torch.int64, device=weight.device)
-        self.seq: list[int] = []
-        self.steps: list[int] = []
-
-    def pending(self, name: str, method: str, copy: bool = False) -> _Pending:
-        k = len(self.seq)
-        mask, donor = self.reactivated[:k], self.donor[:k]
-        if copy:
-            mask, donor = mask.clone(), donor.clone()
-        return _Pending(tuple(self.seq), tuple(self.steps), name, method, mask, donor)
 
 
 class Reactivator:
@@ -258,12 +199,8 @@ class Reactivator:
         self.calls = 0  #: reactivations run
         self.interval: int | None = None
         self.optimizer: torch.optim.Optimizer | None = None
-        self._pending: list[_Pending] = []  #: full logs (and records loaded from a state)
-        self._logs: list[_Log | None] = [None] * len(self.weights)  #: open logs, per weight
-        self._seq = 0
-        self._host_events: list[ReactivationEvent] = []
-        #: records dropped unread to bound device memory (see drain_events)
-        self.dropped_records = 0
+        #: pending events, on the device until read (craft_ext._events)
+        self._events = EventLogs(self.weights, self.names, self.method)
         self._handles: list[Any] = []
         self._loaded: dict[str, Any] | None = None
 
@@ -313,12 +250,7 @@ class Reactivator:
                 )
             new_name = str(known[id(w)]) if known[id(w)] else None
             if self._given_names[i] is None and new_name and new_name != self.names[i]:
-                log = self._logs[i]
-                if log is not None and log.seq:  # events so far keep the name they had
-                    self._pending.append(log.pending(self.names[i], self.method, copy=True))
-                    self._logs[i] = None
-                    self._bound_pending()
-                self.names[i] = new_name
+                self._events.rename(i, new_name)  # events so far keep the name they had
         self.optimizer = optimizer
         self.interval = interval
         self._handles = [
@@ -371,10 +303,10 @@ class Reactivator:
             for i, w in enumerate(self.weights):
                 res = self._reset(i)
                 if not self._capturing(w):
-                    log, slot = self._open_log(i)
+                    log, slot = self._events.open(i)
                     log.reactivated[slot] = res.reactivated
                     log.donor[slot] = res.donor
-                    self._close_slot(i, log)
+                    self._events.close_slot(i, log, self.steps)
                 out.append(res)
         finally:
             torch._C._set_grad_enabled(grad)
@@ -389,6 +321,7 @@ class Reactivator:
         # construction, so this goes straight to the backend (the kernels check that used /
         # total / the logs still match a weight that may have been moved since).
         fast = _cpu_record_op()
+        events = self._events
         state = self.optimizer.state if self.optimizer is not None else {}
         grad = torch.is_grad_enabled()
         torch._C._set_grad_enabled(False)  # torch.no_grad() without its Python overhead
@@ -397,9 +330,9 @@ class Reactivator:
                 if w.is_cuda and torch.cuda.is_current_stream_capturing():
                     self._reset(i)  # no event inside capture (replays would overwrite it)
                     continue
-                log = self._logs[i]
+                log = events.logs[i]
                 if log is None:
-                    log = self._logs[i] = _Log(w)
+                    log, _ = events.open(i)
                 bufs = []  # as _state_tensors
                 for p in self.channels[i].params():
                     st = state.get(p)
@@ -422,12 +355,12 @@ class Reactivator:
                     fast(*args, self.threshold, self.method, *extra)
                 else:
                     _reactivate_and_record_checked(*args, self.method, self.threshold, None, extra)
-                # as _close_slot
-                self._seq += 1
-                log.seq.append(self._seq)
+                # as EventLogs.close_slot
+                events.seq += 1
+                log.seq.append(events.seq)
                 log.steps.append(self.steps)
-                if len(log.seq) == _LOG_ROWS:
-                    self._close_log(i)
+                if len(log.seq) == _events._LOG_ROWS:
+                    events.close(i)
         finally:
             torch._C._set_grad_enabled(grad)
         self.calls += 1
@@ -465,57 +398,6 @@ class Reactivator:
     def _capturing(weight: Tensor) -> bool:
         return weight.is_cuda and torch.cuda.is_current_stream_capturing()
 
-    def _open_log(self, i: int) -> tuple[_Log, int]:
-        log = self._logs[i]
-        if log is None:
-            log = self._logs[i] = _Log(self.weights[i])
-        return log, len(log.seq)
-
-    def _close_slot(self, i: int, log: _Log) -> None:
-        """Account for the event just written to the next row of ``log``; a full log becomes a
-        pending record (kept as it is: no copy) and the weight's next event opens a new one."""
-        self._seq += 1
-        log.seq.append(self._seq)
-        log.steps.append(self.steps)
-        if len(log.seq) == _LOG_ROWS:
-            self._close_log(i)
-
-    def _close_log(self, i: int) -> None:
-        self._pending.append(self._logs[i].pending(self.names[i], self.method))  # type: ignore[union-attr]
-        self._logs[i] = None
-        self._bound_pending()
-
-    def _bound_pending(self) -> None:
-        """Drop the oldest full logs past :data:`_MAX_PENDING_BYTES` (host-side sizes,
-        no sync); their count is kept in :attr:`dropped_records`."""
-        sizes = [
-            p.reactivated.numel() * p.reactivated.element_size()
-            + p.donor.numel() * p.donor.element_size()
-            for p in self._pending
-        ]
-        total, first = sum(sizes), 0
-        while total > _MAX_PENDING_BYTES and first < len(sizes) - 1:
-            total -= sizes[first]
-            self.dropped_records += len(self._pending[first].seq)
-            first += 1
-        if first:
-            self._pending = self._pending[first:]
-            warnings.warn(
-                f"craft_ext.Reactivator: {self.dropped_records} reactivation records were "
-                f"dropped unread (more than {_MAX_PENDING_BYTES >> 20} MiB pending); read "
-                "`events` or call `drain_events()` now and then to keep them",
-                stacklevel=3,
-            )
-
-    def _all_pending(self, copy: bool = False) -> list[_Pending]:
-        """Every record not yet read: full logs first, then the open ones (their filled rows;
-        views of the logs unless ``copy``)."""
-        return self._pending + [
-            log.pending(name, self.method, copy)
-            for name, log in zip(self.names, self._logs, strict=True)
-            if log is not None and log.seq
-        ]
-
     @property
     def generators(self) -> list[torch.Generator]:
         """The reactivation generators, one per device of the watched weights."""
@@ -544,42 +426,19 @@ class Reactivator:
         CUDA-graph capture (and so their replays) record no event: a replay would overwrite
         the captured outputs; :attr:`total_reactivated` still counts them.
         """
-        self._flush()
-        return list(self._host_events)
+        self._events.flush()
+        return list(self._events.host)
 
     def drain_events(self) -> list[ReactivationEvent]:
         """Return the events not yet drained and forget them."""
-        self._flush()
-        out, self._host_events = self._host_events, []
+        self._events.flush()
+        out, self._events.host = self._events.host, []
         return out
 
-    def _flush(self) -> None:
-        pending = self._all_pending()
-        if not pending:
-            return
-        self._pending = []
-        for log in self._logs:  # the copies below are made before any later step writes a row
-            if log is not None:
-                log.seq, log.steps = [], []
-        masks = torch.cat([p.reactivated.reshape(-1).cpu() for p in pending])
-        donors = torch.cat([p.donor.reshape(-1).to(torch.int64).cpu() for p in pending])
-        found: list[tuple[int, ReactivationEvent]] = []
-        start = 0
-        for p in pending:
-            k = len(p.seq)
-            n = p.reactivated.numel() // k
-            rows = masks[start : start + k * n].view(k, n)
-            donor = donors[start : start + k * n].view(k, n)
-            start += k * n
-            for j in range(k):
-                filters = torch.arange(n)[rows[j]]
-                if filters.numel():
-                    event = ReactivationEvent(
-                        p.steps[j], p.name, p.method, filters.tolist(), donor[j][filters].tolist()
-                    )
-                    found.append((p.seq[j], event))
-        found.sort(key=lambda item: item[0])
-        self._host_events.extend(event for _, event in found)
+    @property
+    def dropped_records(self) -> int:
+        """Records dropped unread to bound device memory (see :meth:`drain_events`)."""
+        return self._events.dropped_records
 
     @property
     def total_reactivated(self) -> int:
@@ -604,10 +463,7 @@ class Reactivator:
             "used": [u.clone() for u in self._used],
             "total": [t.clone() for t in self._total],
             "generators": {dev: g.get_state() for dev, g in self._generators.items()},
-            "seq": self._seq,
-            "pending": [tuple(p) for p in self._all_pending(copy=True)],
-            "events": [tuple(e) for e in self._host_events],
-            "dropped_records": self.dropped_records,
+            **self._events.state(),
         }
 
     def load_state_dict(self, state: Mapping[str, Any]) -> None:
@@ -640,19 +496,7 @@ class Reactivator:
             g.set_state(saved.cpu())
         self.steps = int(state["steps"])
         self.calls = int(state["calls"])
-        self._pending = []
-        by_name = {n: w for n, w in zip(self.names, self.weights, strict=True)}
-        for seq, steps, name, method, mask, donor in state["pending"]:
-            dev = by_name[name].device if name in by_name else mask.device
-            self._pending.append(
-                _Pending(tuple(seq), tuple(steps), name, method, mask.to(dev), donor.to(dev))
-            )
-        self._logs = [None] * len(self.weights)
-        self._seq = int(state["seq"])
-        self._host_events = [
-            ReactivationEvent(int(s), n, m, list(f), list(d)) for s, n, m, f, d in state["events"]
-        ]
-        self.dropped_records = int(state.get("dropped_records", 0))
+        self._events.load_state(state)
 
     def _optimizer_state_dict(
         self, optimizer: torch.optim.Optimizer, state_dict: dict[str, Any]

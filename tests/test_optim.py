@@ -224,16 +224,16 @@ def test_full_event_logs_keep_events_unchanged(monkeypatch):
         return opt.drain_events()
 
     plain = run()
-    monkeypatch.setattr(craft_ext.reactivator, "_LOG_ROWS", 2)
+    monkeypatch.setattr(craft_ext._events, "_LOG_ROWS", 2)
     assert run() == plain and len(plain) >= 3
 
 
 def test_unread_records_are_bounded(monkeypatch):
     """A loop that never reads events keeps at most _MAX_PENDING_BYTES of records: the oldest
     are dropped with a warning and counted; the newest stay readable; counts stay exact."""
-    monkeypatch.setattr(craft_ext.reactivator, "_LOG_ROWS", 2)
+    monkeypatch.setattr(craft_ext._events, "_LOG_ROWS", 2)
     record = N_FILTERS * (1 + 8)  # bytes of one record: bool mask + int64 donors
-    monkeypatch.setattr(craft_ext.reactivator, "_MAX_PENDING_BYTES", 4 * record)
+    monkeypatch.setattr(craft_ext._events, "_MAX_PENDING_BYTES", 4 * record)
     model = make_model()
     opt = craft_ext.ReactivatingSGD(model.parameters(), lr=0.01, reactivate=model[0], interval=1)
     with pytest.warns(UserWarning, match="dropped unread"):
@@ -252,7 +252,7 @@ def test_unread_records_are_bounded(monkeypatch):
 def test_events_read_every_step_equal_events_read_at_the_end(log_rows, monkeypatch):
     """Reading empties the open logs, whose rows are then written again: what is read along
     the way is what a single read at the end returns."""
-    monkeypatch.setattr(craft_ext.reactivator, "_LOG_ROWS", log_rows)
+    monkeypatch.setattr(craft_ext._events, "_LOG_ROWS", log_rows)
     runs = []
     for read_every_step in (False, True):
         model = make_model()
@@ -328,14 +328,14 @@ def build(method: str):
 
 @pytest.mark.parametrize("method,log_rows", [("craft", 256), ("random", 3)])
 def test_resume_is_bit_identical(method, log_rows, monkeypatch):
-    monkeypatch.setattr(craft_ext.reactivator, "_LOG_ROWS", log_rows)
+    monkeypatch.setattr(craft_ext._events, "_LOG_ROWS", log_rows)
     k = 5
     model_a, opt_a = build(method)
     train(model_a, opt_a, 0, 2 * k, kill=True)
 
     model_b, opt_b = build(method)
     train(model_b, opt_b, 0, k, kill=True)
-    assert opt_b.reactivator._all_pending(), "reactivations before the checkpoint"
+    assert opt_b.reactivator._events.all_pending(), "reactivations before the checkpoint"
     buf = io.BytesIO()
     torch.save({"model": model_b.state_dict(), "opt": opt_b.state_dict()}, buf)
     del model_b, opt_b
