@@ -175,6 +175,7 @@ class Reactivator:
         self.channels: list[Channel] = [ch for _, ch in pairs]
         self.weights: list[Tensor] = [ch.weight for ch in self.channels]
         self._has_cuda = any(w.is_cuda for w in self.weights)
+        self._has_bn = any(ch.running_var is not None for ch in self.channels)
         folded = self.criterion == "folded"
         #: operator arguments of each channel (empty for a weight alone, the paper's case)
         self._channel_args = [
@@ -300,6 +301,8 @@ class Reactivator:
         grad = torch.is_grad_enabled()
         torch._C._set_grad_enabled(False)
         try:
+            if self._has_bn:
+                self._sync_running_stats()
             for i, w in enumerate(self.weights):
                 res = self._reset(i)
                 if not self._capturing(w):
@@ -326,6 +329,8 @@ class Reactivator:
         grad = torch.is_grad_enabled()
         torch._C._set_grad_enabled(False)  # torch.no_grad() without its Python overhead
         try:
+            if self._has_bn:
+                self._sync_running_stats()
             for i, w in enumerate(self.weights):
                 if w.is_cuda and torch.cuda.is_current_stream_capturing():
                     self._reset(i)  # no event inside capture (replays would overwrite it)
@@ -364,6 +369,23 @@ class Reactivator:
         finally:
             torch._C._set_grad_enabled(grad)
         self.calls += 1
+
+    def _sync_running_stats(self) -> None:
+        """Make every rank's BatchNorm running statistics rank 0's before a reactivation.
+
+        Under DDP each rank updates its BN running statistics from its own batches (DDP
+        broadcasts rank 0's buffers only at the start of the next forward), while folded
+        detection and the channel rewrite read them: without this, ranks could pick different
+        channels and their parameters would drift apart. A broadcast per buffer, a collective
+        that every rank reaches because every rank reactivates at the same step; nothing is
+        read back to the host. Not distributed: nothing to do."""
+        dist = torch.distributed
+        if not (dist.is_available() and dist.is_initialized()):
+            return
+        for ch in self.channels:
+            for t in (ch.running_mean, ch.running_var):
+                if t is not None:
+                    dist.broadcast(t, src=0)
 
     def _reset(self, i: int) -> Reactivation:
         """Reactivate watched weight ``i`` and reset its state rows, without recording."""

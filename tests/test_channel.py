@@ -349,3 +349,53 @@ def test_reactivator_from_model_and_events():
     (ev,) = r.drain_events()
     assert ev.filters == [0, 3] and all(d not in (0, 3) for d in ev.donors)
     assert (net.bn1.weight[[0, 3]] != 0).all()
+
+
+def _ddp_bn_worker(rank: int, world: int, port: int, out: str) -> None:
+    """Each rank holds the same weights but its own BN running variance (as after DDP's last
+    forward): rank 1's would call channel 4 dead, rank 0's not."""
+    import torch.distributed as dist
+
+    torch.set_num_threads(1)
+    dist.init_process_group(
+        "gloo", init_method=f"tcp://127.0.0.1:{port}", rank=rank, world_size=world
+    )
+    try:
+        conv, bn, prelu = stem(12, seed=5, bn_dead=[1])
+        with torch.no_grad():
+            s = bn.weight[4] / torch.sqrt(bn.running_var[4] + bn.eps)
+            conv.weight[4] *= 2e-3 / (conv.weight[4].abs().max() * s.abs())  # folded max 2e-3
+            if rank == 1:
+                bn.running_var[4] *= 100.0  # folded max 2e-4 here: dead on rank 1 only
+        opt = torch.optim.SGD([*conv.parameters(), *bn.parameters(), *prelu.parameters()], lr=0.1)
+        r = craft_ext.Reactivator(conv, bn=bn, prelu=prelu, criterion="folded", seed=3)
+        r.attach(opt)
+        (res,) = r.reactivate()
+        torch.save(
+            {
+                "weight": conv.weight.detach(),
+                "bn": {k: v.clone() for k, v in bn.state_dict().items()},
+                "reactivated": res.reactivated,
+            },
+            f"{out}/rank{rank}.pt",
+        )
+    finally:
+        dist.destroy_process_group()
+
+
+def test_ddp_ranks_with_different_running_stats_reactivate_identically(tmp_path):
+    import socket
+
+    from helpers import spawn
+
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        port = sock.getsockname()[1]
+    spawn(_ddp_bn_worker, args=(2, port, str(tmp_path)))
+    r0 = torch.load(tmp_path / "rank0.pt", weights_only=True)
+    r1 = torch.load(tmp_path / "rank1.pt", weights_only=True)
+    assert torch.equal(r0["reactivated"], r1["reactivated"])
+    assert torch.nonzero(r0["reactivated"]).flatten().tolist() == [1], "rank 0's statistics"
+    assert torch.equal(r0["weight"], r1["weight"])
+    for key, value in r0["bn"].items():
+        assert torch.equal(value, r1["bn"][key]), key
