@@ -281,17 +281,36 @@ def filter_stats(
     (``max_abs <= 1e-3``) and rank donors (``l1``).
     """
     _check_weight(weight)
-    fold: tuple[Tensor | None, Tensor | None, float] = (None, None, 1e-5)
-    if bn is not None:
-        from .channel import channel_of
-
-        ch = channel_of(weight, bn, trainable=False)
-        fold = (ch.bn_weight, ch.running_var, ch.eps)
     impl = _impl("filter_stats", resolve_backend(weight.device, "filter_stats", backend))
     with torch.no_grad():
-        if fold[1] is None:
+        if bn is None:
             return FilterStats(*impl(weight))
-        return FilterStats(*impl(weight, *fold))
+        return FilterStats(*impl(weight, *_bn_fold(weight, bn)))
+
+
+def _bn_fold(weight: Tensor, bn: object) -> tuple[Tensor | None, Tensor, float]:
+    """``(bn_weight, running_var, eps)`` of the BatchNorm ``bn`` after ``weight``, checked
+    (the few checks a read needs: :func:`craft_ext.channel_of` validates a whole channel)."""
+    if not isinstance(bn, nn.modules.batchnorm._BatchNorm):
+        raise TypeError(
+            "bn: expected a BatchNorm module (BatchNorm1d/2d/3d, SyncBatchNorm), got "
+            f"{type(bn).__name__}"
+        )
+    n = weight.shape[0]
+    var = bn.running_var
+    if bn.num_features != n:
+        raise ValueError(
+            f"bn: {type(bn).__name__}({bn.num_features}) has {bn.num_features} channels, the "
+            f"layer has {n} filters"
+        )
+    if var is None:
+        raise ValueError(
+            f"bn: {type(bn).__name__}({n}) keeps no running statistics "
+            "(track_running_stats=False): there is no folded filter"
+        )
+    if var.device != weight.device:
+        raise ValueError(f"bn is on {var.device}, the layer's weight on {weight.device}")
+    return bn.weight, var, float(bn.eps)
 
 
 # --------------------------------------------------------------------------------------------
