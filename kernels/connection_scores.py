@@ -137,6 +137,22 @@ def _connection_scores_kernel(
     tl.store(out_ptr + out_off, total, mask=mask_o[:, None] & mask_k[None, :])
 
 
+# (BLOCK_N, BLOCK_O, BLOCK_K, num_warps) on a GPU and under the interpreter (CPU tensors), where
+# small tiles keep numpy fast (tl.dot needs >= 16)
+_TILES = {"cuda": (32, 64, 64, 4), "interpreter": (16, 16, 16, 1)}
+
+
+def _device_kind(device: torch.device) -> str:
+    """``"cuda"`` for CUDA tensors, else ``"interpreter"`` (the launch configuration to use;
+    tests/test_triton_compile.py compiles the CUDA configuration from CPU tensors)."""
+    return "cuda" if device.type == "cuda" else "interpreter"
+
+
+def _sm_count(device: torch.device) -> int:
+    """Streaming multiprocessors of the CUDA ``device``."""
+    return torch.cuda.get_device_properties(device).multi_processor_count
+
+
 @triton_op("craft_ext::connection_scores_triton", mutates_args=())
 def connection_scores_triton(
     x: Tensor,
@@ -162,17 +178,13 @@ def connection_scores_triton(
     n, c, h, w = x.shape
     o, ho, wo = y.shape[1], y.shape[2], y.shape[3]
     k = c * kh * kw
-    if x.device.type == "cuda":
-        block_n, block_o, block_k, warps = 32, 64, 64, 4
-    else:  # interpreter: small tiles keep numpy fast (tl.dot needs >= 16)
-        block_n, block_o, block_k, warps = 16, 16, 16, 1
+    block_n, block_o, block_k, warps = _TILES[_device_kind(x.device)]
     tiles = triton.cdiv(o, block_o) * triton.cdiv(k, block_k)
     m = ho * wo
     if splits <= 0:
         splits = 1
-        if x.device.type == "cuda":
-            sms = torch.cuda.get_device_properties(x.device).multi_processor_count
-            splits = triton.cdiv(4 * sms, tiles)
+        if _device_kind(x.device) == "cuda":
+            splits = triton.cdiv(4 * _sm_count(x.device), tiles)
     per = triton.cdiv(m, max(1, min(splits, m)))
     splits = triton.cdiv(m, per)
     out = torch.empty((splits, o, k), dtype=torch.float32, device=x.device)

@@ -214,6 +214,7 @@ def reactivate_triton_(
         IS_F64=weight.dtype == torch.float64,
         BLOCK_N=block_n,
         BLOCK_K=block_k,
+        enable_fp_fusion=False,  # mean + std * z rounded twice, as the reference: no FMA
     )
     if newly_used is not None:
         used.logical_or_(newly_used)

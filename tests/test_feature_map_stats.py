@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import pytest
 import torch
-from helpers import OPCHECK_TESTS, backend_params, require_backend
+from helpers import CUDA, OPCHECK_TESTS, backend_params, require_backend
 
 import craft_ext
 from craft_ext import reference
@@ -62,7 +62,15 @@ def _with_structure(x: torch.Tensor) -> torch.Tensor:
     return x
 
 
-SHAPES = [(1, 1, 1, 1), (2, 5, 3, 4), (3, 17, 7, 7), (2, 40, 9, 11), (2, 70, 5, 6)]
+SHAPES = [
+    (1, 1, 1, 1),
+    (2, 5, 3, 4),
+    (3, 17, 7, 7),
+    (2, 40, 9, 11),
+    (2, 70, 5, 6),
+    (1, 3, 5, 5),
+    (2, 130, 2, 3),
+]
 
 
 @pytest.mark.parametrize("device,backend", backend_params())
@@ -89,6 +97,38 @@ def test_large_means_are_accurate(device, backend):
     x = _maps((2, 12, 16, 16), device=device, seed=2, scale=1.0, offset=1000.0)
     x[:, 5] = x[:, 4] * 0.5 + 0.2 * _maps((2, 16, 16), device=device, seed=3)
     _check(craft_ext.feature_map_stats(x, return_corr=True, backend=backend), x, 0.02, 0.95)
+
+
+def _naive_corr(x: torch.Tensor) -> torch.Tensor:
+    """float32 correlations from raw moments, G = sum x x^T - n m m^T: what a one-pass kernel
+    without a shift would compute."""
+    b, c = x.shape[:2]
+    r = x.detach().cpu().float().reshape(b, c, -1)
+    m = r.mean(dim=2)
+    g = r @ r.transpose(1, 2) - r.shape[2] * m[:, :, None] * m[:, None, :]
+    d = g.diagonal(dim1=1, dim2=2).clamp_min(1e-30).sqrt()
+    return (g / (d[:, :, None] * d[:, None, :])).double()
+
+
+@pytest.mark.parametrize("device,backend", backend_params())
+def test_large_common_offset_one_pass(device, backend):
+    """Maps with mean 1e3 and std 1 read in one pass: a naive uncentred Gram loses the
+    correlations (checked here), the pivot-shifted one keeps them within CORR_TOL. 70 maps
+    make two Gram tiles (the tile above the diagonal is read mirrored: map 66 copies map 3,
+    across tiles), 16x16 maps several position splits; map 7 has an outlier at its middle
+    position (where the Triton kernel takes a pivot sample)."""
+    require_backend(device, backend, "feature_map_stats")
+    x = _maps((2, 70, 16, 16), seed=21, offset=1000.0)
+    x[:, 5] = 0.5 * x[:, 4] + 0.1 * _maps((2, 16, 16), seed=22) + 500.0
+    x[:, 66] = x[:, 3] - 3.0
+    x[:, 7, 8, 8] += 60.0  # the middle element (position n // 2) of map 7
+    x = x.to(device)
+    _, truth = _truth(x)
+    naive_err = (_naive_corr(x) - truth).abs().max().item()
+    assert naive_err > 50 * CORR_TOL, f"naive Gram error {naive_err:.3g}: the test is too easy"
+    got = craft_ext.feature_map_stats(x, return_corr=True, backend=backend)
+    _check(got, x, 0.02, 0.95)
+    assert got.redundant[:, 5].all() and got.redundant[:, 66].all()
 
 
 @pytest.mark.parametrize("device,backend", backend_params())
@@ -160,6 +200,35 @@ def test_layouts(device, backend, layout):
         "transposed": base.transpose(2, 3),
     }[layout]
     _check(craft_ext.feature_map_stats(x, return_corr=True, backend=backend), x, 0.02, 0.95)
+
+
+def test_triton_reads_the_maps_once(monkeypatch):
+    """One Triton launch reads the input (the Gram, sums, min and max in one pass: the op is
+    bound by that read), over the tile pairs on and below the diagonal only (3 channel tiles:
+    6 of the 9 pairs)."""
+    require_backend("cuda" if CUDA else "cpu", "triton", "feature_map_stats")
+    from triton.runtime.interpreter import InterpretedFunction
+    from triton.runtime.jit import JITFunction
+
+    device = "cuda" if CUDA else "cpu"
+    x = _maps((2, 130, 3, 3), device=device, seed=23)
+    reads = []
+    for cls in (InterpretedFunction, JITFunction):
+        real = cls.run
+
+        def run(self, *args, grid, warmup, _real=real, **kwargs):
+            storage = x.untyped_storage().data_ptr()
+            tensors = [a for a in args if isinstance(a, torch.Tensor)]
+            if any(t.untyped_storage().data_ptr() == storage for t in tensors):
+                reads.append((self.fn.__name__, tuple(grid)))
+            return _real(self, *args, grid=grid, warmup=warmup, **kwargs)
+
+        monkeypatch.setattr(cls, "run", run)
+    got = craft_ext.feature_map_stats(x, return_corr=True, backend="triton")
+    assert len(reads) == 1, f"kernels reading the input: {reads}"
+    pairs, tiles = reads[0][1][0] // x.shape[0], 3
+    assert pairs == tiles * (tiles + 1) // 2, f"grid {reads[0][1]}: not one triangle of tiles"
+    _check(got, x, 0.02, 0.95)
 
 
 @pytest.mark.parametrize("device,backend", backend_params())
