@@ -166,7 +166,7 @@ class ImageFolderDataset(Dataset):
         """Number of identities (labels are ``0..num_classes-1``)."""
         return len(self.classes)
 
-    def _record_skip(self, path: str, exc: Exception) -> None:
+    def _record_skip(self, path: str, exc: Exception | str) -> None:
         self.skipped += 1
         self.skipped_files.append(path)
         warnings.warn(f"skipping unreadable image ({exc})", stacklevel=3)
@@ -175,7 +175,18 @@ class ImageFolderDataset(Dataset):
         return len(self.samples)
 
     def __getitem__(self, index: int) -> tuple[torch.Tensor, int]:
+        image, label, skipped = self.load_item(index)
+        for path, reason in skipped:
+            self._record_skip(path, reason)
+        return image, label
+
+    def load_item(self, index: int) -> tuple[torch.Tensor, int, list[tuple[str, str]]]:
+        """Item ``index`` as ``(image, label, skipped)`` without recording or warning:
+        ``skipped`` lists ``(path, reason)`` of the unreadable files passed over
+        (``on_error="skip"``) to reach it. Lets a caller count skips made in DataLoader
+        worker processes, whose own counters stay there."""
         n = len(self.samples)
+        skipped: list[tuple[str, str]] = []
         for attempt in range(n):
             path, label = self.samples[(index + attempt) % n]
             try:
@@ -183,12 +194,12 @@ class ImageFolderDataset(Dataset):
             except ImageDecodeError as exc:
                 if self.on_error == "raise":
                     raise
-                self._record_skip(path, exc)
+                skipped.append((path, str(exc)))
                 continue
             if self.transform is not None:
                 image = self.transform(image)
-            return image, label
-        raise ImageDecodeError(f"no readable image in {self.root}")
+            return image, label, skipped
+        raise ImageDecodeError(f"no readable image in {self.root} ({n} files, all unreadable)")
 
     def __repr__(self) -> str:
         return (

@@ -194,6 +194,26 @@ def safe_load_pickle(data: bytes) -> Any:
     return _resolve(SafeBinUnpickler(io.BytesIO(data), encoding="bytes").load())
 
 
+def _unpickle_bin(raw: bytes, path: str) -> Any:
+    """:func:`safe_load_pickle` of a ``.bin`` file's bytes, errors naming the file in one
+    line: ``pickle.UnpicklingError`` for a refused global (code), ValueError for a file that
+    is not a pickle of the expected kind."""
+    if not raw:
+        raise ValueError(f"{path}: empty file, not an insightface verification .bin")
+    try:
+        return safe_load_pickle(raw)
+    except pickle.UnpicklingError as exc:
+        if str(exc).startswith(("refusing", "persistent ids")):
+            raise pickle.UnpicklingError(f"{path}: refused: {exc}") from None
+        reason = f"({' '.join(str(exc).split())})"
+    except Exception as exc:  # a random or truncated file fails anywhere in the unpickler
+        reason = f"({type(exc).__name__}: {' '.join(str(exc).split())})"
+    if raw[:1] not in (b"\x80", b"(", b"]"):  # PROTO (protocol >= 2), or a protocol 0/1 list
+        reason = "(it does not start like a pickle)"
+    what = "an insightface verification .bin file, a pickle of (images, issame)"
+    raise ValueError(f"{path}: not {what} {reason}") from None
+
+
 def _to_bytes(item: Any, i: int, path: str) -> bytes:
     if isinstance(item, bytes | bytearray):
         return bytes(item)
@@ -220,11 +240,16 @@ def load_bin(
 
     Returns:
         ``(images, issame)``: uint8 ``[2N, 3, H, W]`` RGB tensor and bool ``[N]`` tensor.
+
+    Raises (each message one line naming the file): ``pickle.UnpicklingError`` when the file
+    asks for a global that could run code; ValueError when it is not a ``.bin`` file (not a
+    pickle, or not of ``(bins, issame_list)``); :class:`craft_ext.data.ImageDecodeError` for an
+    image that does not decode.
     """
     path = os.fspath(path)
     with open(path, "rb") as f:
         raw = f.read()
-    obj = safe_load_pickle(raw)
+    obj = _unpickle_bin(raw, path)
     if not isinstance(obj, tuple | list) or len(obj) != 2:
         raise ValueError(f"{path}: expected a pickled (bins, issame_list) pair")
     bins, issame_list = obj

@@ -31,22 +31,30 @@ def read_pairs(
       folds with matched and mismatched pairs each split in contiguous, equal chunks, so every
       fold holds both kinds.
     """
+    pairs, folds, _ = _parse_pairs(pairs_file, num_folds)
+    return pairs, folds
+
+
+def _parse_pairs(
+    pairs_file: str | os.PathLike[str], num_folds: int
+) -> tuple[list[Pair], np.ndarray, list[int]]:
+    """:func:`read_pairs` plus the line number of every pair."""
     path = os.fspath(pairs_file)
     with open(path, encoding="utf-8") as f:
-        lines = [ln.split() for ln in f if ln.strip()]
+        lines = [(n, ln.split()) for n, ln in enumerate(f, 1) if ln.strip()]
     if not lines:
         raise ValueError(f"{path}: empty pairs file")
-    head = lines[0]
+    head = lines[0][1]
     if not all(t.isdigit() for t in head) or len(head) not in (1, 2):
         raise ValueError(f"{path}: first line must be 'count' or 'sets count_per_set'")
     pairs: list[Pair] = []
-    for lineno, tok in enumerate(lines[1:], 2):
-        if len(tok) == 3:
+    for lineno, tok in lines[1:]:
+        if len(tok) == 3 and tok[1].isdigit() and tok[2].isdigit():
             pairs.append((tok[0], int(tok[1]), tok[0], int(tok[2]), True))
-        elif len(tok) == 4:
+        elif len(tok) == 4 and tok[1].isdigit() and tok[3].isdigit():
             pairs.append((tok[0], int(tok[1]), tok[2], int(tok[3]), False))
         else:
-            raise ValueError(f"{path}:{lineno}: expected 'Name i j' or 'Name1 i Name2 j'")
+            raise ValueError(f"{path}, line {lineno}: expected 'Name i j' or 'Name1 i Name2 j'")
     if len(head) == 2:
         sets, per = int(head[0]), int(head[1])
         if len(pairs) != 2 * sets * per:
@@ -64,18 +72,17 @@ def read_pairs(
         for mask in (same, ~same):
             n = int(mask.sum())
             folds[mask] = np.arange(n) * num_folds // max(n, 1)
-    return pairs, folds.astype(np.int64)
+    return pairs, folds.astype(np.int64), [n for n, _ in lines[1:]]
 
 
-def _image_path(root: str, name: str, num: int) -> str:
+def _image_path(root: str, name: str, num: int) -> str | None:
+    """The file of image ``num`` of ``name`` under ``root`` (any extension), or None."""
     stem = os.path.join(root, name, f"{name}_{num:04d}")
     for ext in (".jpg", ".png", ".jpeg"):
         if os.path.isfile(stem + ext):
             return stem + ext
     found = sorted(glob.glob(glob.escape(stem) + ".*"))
-    if not found:
-        raise ImageDecodeError(f"image {stem}.jpg not found (pair list refers to {name} {num})")
-    return found[0]
+    return found[0] if found else None
 
 
 def load_pairs(
@@ -92,18 +99,36 @@ def load_pairs(
     ``[2N, 3, H, W]`` RGB (pair ``i`` = images ``2i``, ``2i+1``), bool ``[N]`` and int64 ``[N]``
     fold ids (see :func:`read_pairs`).
     """
-    pairs, folds = read_pairs(pairs_file, num_folds=num_folds)
+    pairs, folds, linenos = _parse_pairs(pairs_file, num_folds)
     root = os.fspath(images_root)
     size = (image_size, image_size) if isinstance(image_size, int) else tuple(image_size)
+    refs = [(p[0], p[1]) if k == 0 else (p[2], p[3]) for p in pairs for k in (0, 1)]
+    files: dict[tuple[str, int], str | None] = {}
+    missing: list[str] = []
+    for i, key in enumerate(refs):  # every file checked before any is decoded
+        if key not in files:
+            files[key] = _image_path(root, *key)
+            if files[key] is None:
+                missing.append(f"{key[0]}/{key[0]}_{key[1]:04d}.jpg (line {linenos[i // 2]})")
+    if missing:
+        more = f" and {len(missing) - 3} more" if len(missing) > 3 else ""
+        raise FileNotFoundError(
+            f"{os.fspath(pairs_file)} names {len(missing)} image(s) missing under {root}: "
+            f"{', '.join(missing[:3])}{more}"
+        )
     images = torch.empty((2 * len(pairs), 3, size[0], size[1]), dtype=torch.uint8)
     cache: dict[tuple[str, int], torch.Tensor] = {}
-    refs = [(p[0], p[1]) if k == 0 else (p[2], p[3]) for p in pairs for k in (0, 1)]
     for i, key in enumerate(
         tqdm(refs, desc=f"loading {os.path.basename(os.fspath(pairs_file))}", disable=not progress)
     ):
         if key not in cache:
-            arr = resize_center_crop(load_image(_image_path(root, *key)), size)
-            cache[key] = to_chw_tensor(arr)
+            try:
+                arr = load_image(files[key])  # type: ignore[arg-type]
+            except ImageDecodeError as exc:
+                raise ImageDecodeError(
+                    f"{os.fspath(pairs_file)}, line {linenos[i // 2]}: {exc}"
+                ) from None
+            cache[key] = to_chw_tensor(resize_center_crop(arr, size))
         images[i] = cache[key]
     issame = torch.tensor([p[4] for p in pairs], dtype=torch.bool)
     return images, issame, torch.from_numpy(folds)
