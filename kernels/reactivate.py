@@ -20,11 +20,13 @@ The semantics are exactly those of ``craft_ext.reference.reactivate_``.
 """
 
 import math
+import os
 
 import torch
 import triton
 import triton.language as tl
 from torch import Tensor
+from triton.language.extra import libdevice
 
 from craft_ext.reference import craft_donors, folded_scale, rewrite_channel_
 
@@ -51,6 +53,7 @@ def _rewrite_rows_kernel(
     scale,
     METHOD: tl.constexpr,
     IS_F64: tl.constexpr,
+    ROUND_EACH: tl.constexpr,
     BLOCK_N: tl.constexpr,
     BLOCK_K: tl.constexpr,
 ):
@@ -62,7 +65,8 @@ def _rewrite_rows_kernel(
       IS_F64, which hold the weight's dtype exactly; donors
       are active, so never reactivated: no row is both read and written);
     * 1, scaled_gaussian: ``w[i, j] = mean[s] + std[s] * noise[i, j]`` in float32, then cast,
-      with s = ``source[0]`` the active filter of largest L1 norm;
+      with s = ``source[0]`` the active filter of largest L1 norm (multiply and add each
+      rounded, never fused: ``ROUND_EACH`` uses libdevice's ``mul_rn`` / ``add_rn``);
     * 2, random: ``w[i, j] = noise[i, j] * scale`` with scale = sqrt(2 / K) (He normal).
 
     Other rows are not touched. ``noise`` is float32 [N, K] (unit column stride) in the same
@@ -97,7 +101,10 @@ def _rewrite_rows_kernel(
         else:
             z = tl.load(noise_base + cols, mask=mask, other=0.0).to(tl.float32)
             if METHOD == 1:
-                new = src_mean + src_std * z
+                if ROUND_EACH:  # explicit round-to-nearest multiply then add: never an FMA
+                    new = libdevice.add_rn(src_mean, libdevice.mul_rn(src_std, z))
+                else:  # the interpreter (numpy) rounds each operation anyway
+                    new = src_mean + src_std * z
             else:
                 new = z * scale
         tl.store(out_base + cols, new.to(w_ptr.dtype.element_ty), mask=mask)
@@ -212,6 +219,10 @@ def reactivate_triton_(
         math.sqrt(2.0 / k),
         METHOD=_METHOD_CODES[method],
         IS_F64=weight.dtype == torch.float64,
+        # compiled (not interpreted): the multiply and add of mean + std * z are libdevice's
+        # round-to-nearest ones, which no compiler contracts into an FMA, also where the
+        # launch option below is not passed on (Inductor compiling this kernel in a graph)
+        ROUND_EACH=os.environ.get("TRITON_INTERPRET", "0") != "1",
         BLOCK_N=block_n,
         BLOCK_K=block_k,
         enable_fp_fusion=False,  # mean + std * z rounded twice, as the reference: no FMA

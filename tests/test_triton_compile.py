@@ -126,6 +126,10 @@ def _cases() -> list[dict]:
     for layout in layouts:
         for method in methods:
             cases.append(_case("reactivate", (20, 6, 3, 3), "float32", layout, method=method))
+    # the launch option dropped, as Inductor does for user kernels in a compiled graph: the
+    # kernel itself must still round mean + std * z twice
+    for dtype in ("float32", "bfloat16"):
+        cases.append(_case("reactivate", (64, 3, 3, 3), dtype, method="scaled_gaussian", nofuse=0))
     # feature_map_stats: test_feature_map_stats (SHAPES, dtypes on (2, 9, 6, 5), layouts of
     # (3, 10, 6, 7), 112x112 maps) plus B = 1 (issue 13: (1, 64, 56, 56), (1, 3, 5, 5)), C = 1,
     # 1x1 maps, several Gram tiles and the benchmark's B=100, C=64
@@ -365,7 +369,31 @@ def _run_case(case: dict) -> None:
             vec = [torch.randn(n) for _ in range(4)]
             extra = (vec[0], vec[1], vec[2], vec[3], torch.rand(n) + 0.5, torch.rand(n), 1e-5)
             extra = (*extra, True)
-        ops.reactivate_triton_(w, used, key, u, noise, 1e-3, method, *extra)
+        if "nofuse" not in kw:
+            ops.reactivate_triton_(w, used, key, u, noise, 1e-3, method, *extra)
+        else:  # launch without enable_fp_fusion (Triton's default: fusion on)
+            real = torch.library.wrap_triton
+
+            def dropping(kernel):
+                launcher = real(kernel)
+
+                class _Grid:
+                    def __getitem__(self, grid):
+                        fn = launcher[grid]
+
+                        def launch(*args, **kwargs):
+                            kwargs.pop("enable_fp_fusion", None)
+                            return fn(*args, **kwargs)
+
+                        return launch
+
+                return _Grid()
+
+            torch.library.wrap_triton = dropping
+            try:
+                ops.reactivate_triton_(w, used, key, u, noise, 1e-3, method, *extra)
+            finally:
+                torch.library.wrap_triton = real
     elif case["op"] == "feature_map_stats":
         x = _tensor(shape, dtype, layout)
         ops.feature_map_stats_triton(x, 0.02, 0.95, kw["return_corr"])
@@ -554,8 +582,11 @@ def test_bit_exact_rewrite_has_no_fma(report):
     to nearest even (``cvt.rn``), as torch's ``.to``."""
     launches = _launches(report, "_rewrite_rows_kernel")
     assert launches
+    dropped = [c for c, _ in launches if "nofuse" in c]
+    assert len(dropped) == 2, "the cases without the launch option must have run"
     for case_id, launch in launches:
-        assert launch["enable_fp_fusion"] is False, case_id
+        # Triton's default is fusion on: only the option-less launches have it
+        assert launch["enable_fp_fusion"] is ("nofuse" in case_id), case_id
         assert launch["ptx_fma"] == 0, f"{case_id}: {launch['ptx_fma']} fma in the PTX"
         assert launch["sass_fma"] in (0, -1, None), f"{case_id}: {launch['sass_fma']} SASS FMA"
         for cvt in launch["ptx_downcasts"]:
