@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 import os
 import struct
 from pathlib import Path
@@ -409,3 +410,65 @@ def test_training_sets_from_disk_are_resized_like_verification(tmp_path: Path) -
     path = ds.samples[0][0]  # the folder set: its first item is that file, resized
     want = torch.from_numpy(resize_center_crop(load_image(path), 16))
     assert torch.equal(ds[0][0].permute(1, 2, 0), want)
+
+
+# --------------------------------------------------------------------------- craft-train --data
+
+
+def _training_folder(root: Path, bad: bytes | None) -> Path:
+    """4 identities x 4 JPEGs of 32 x 32; with ``bad``, id1/img_0002.jpg holds those bytes."""
+    for c in range(4):
+        (root / f"id{c}").mkdir(parents=True)
+        for i in range(4):
+            data = encode_image(_image(10 * c + i, size=32), "jpeg")
+            if bad is not None and (c, i) == (1, 2):
+                data = bad if bad else data[: len(data) // 2]  # b"": a truncated JPEG
+            (root / f"id{c}" / f"img_{i:04d}.jpg").write_bytes(data)
+    return root
+
+
+def _train_args(data: Path, out: Path, *extra: str) -> list[str]:
+    tiny = ["--image-size", "32", "--width", "0.125", "--embedding-size", "16", "--epochs", "1"]
+    tiny += ["--batch-size", "4", "--workers", "1", "--no-progress", "--log-every", "1"]
+    return ["--data", str(data), "--output", str(out), *tiny, *extra]
+
+
+def test_craft_train_corrupt_jpeg_is_one_line(tmp_path: Path) -> None:
+    """A corrupt JPEG met in a DataLoader worker: one line naming it, exit 2, no checkpoint."""
+    from test_train import assert_one_line_error, run_cli
+
+    data = _training_folder(tmp_path / "data", b"")
+    out = tmp_path / "run"
+    proc = run_cli(*_train_args(data, out))
+    line = assert_one_line_error(proc, "img_0002.jpg", "--on-error skip")
+    assert str(data / "id1" / "img_0002.jpg") in line and "truncated" in line
+    assert not (out / "checkpoint_last.pt").exists() and not (out / "summary.json").exists()
+
+
+def test_craft_train_on_error_skip_counts_and_names_skipped_files(tmp_path: Path) -> None:
+    from test_train import run_cli
+
+    data = _training_folder(tmp_path / "data", b"\xff\xd8\xff\xe0 not a jpeg")
+    out = tmp_path / "run"
+    proc = run_cli(*_train_args(data, out, "--on-error", "skip"))
+    assert proc.returncode == 0, proc.stderr
+    bad = str(data / "id1" / "img_0002.jpg")
+    assert f"skipped 1 unreadable image (--on-error skip; listed in summary.json): {bad}" in (
+        proc.stdout
+    )
+    assert proc.stdout.count("skipping unreadable image") == 1  # said once, when first met
+    # a real folder and no --val: said once at start-up, nothing validated on toy identities
+    assert proc.stdout.count(f"no verification (no --val given for --data {data})") == 1
+    assert "toy" not in proc.stdout
+    summary = json.loads((out / "summary.json").read_text())
+    assert summary["skipped_images"]["count"] == 1 and summary["skipped_images"]["files"] == [bad]
+    assert summary["best"] == {} and summary["config"]["val"] is None
+
+
+def test_load_item_reports_skips_without_recording(folder: Path) -> None:
+    (folder / "alice" / "alice_0001.jpg").write_bytes(b"garbage")
+    ds = ImageFolderDataset(folder, on_error="skip")
+    image, label, skipped = ds.load_item(1)
+    assert label == 1 and image.shape == (3, 16, 16) and ds.skipped == 0
+    assert [p for p, _ in skipped] == [str(folder / "alice" / "alice_0001.jpg")]
+    assert "cannot decode image" in skipped[0][1]

@@ -12,7 +12,7 @@ import numpy as np
 import pytest
 import torch
 
-from craft_ext.data import encode_image
+from craft_ext.data import ImageDecodeError, encode_image
 from craft_ext.eval import (
     VerificationSet,
     evaluate,
@@ -189,11 +189,56 @@ def test_pairs_errors(tmp_path: Path, pairs_setup) -> None:
     with pytest.raises(ValueError, match="says 3"):
         read_pairs(bad)
     missing = tmp_path / "missing.txt"
-    missing.write_text("1\nAnn\t1\t9\n")
-    with pytest.raises(Exception, match="Ann_0009"):
+    missing.write_text("2\nAnn\t1\t9\nBo\t4\tZed\t1\n")
+    # every missing file named (with its line) before any image is decoded
+    with pytest.raises(FileNotFoundError) as err:
         load_pairs(missing, root, image_size=40, progress=False)
+    message = str(err.value)
+    assert message.startswith(f"{missing} names 3 image(s) missing under {root}: ")
+    assert "Ann/Ann_0009.jpg (line 2), Bo/Bo_0004.jpg (line 3), Zed/Zed_0001.jpg (line 3)" in (
+        message
+    )
+    (tmp_path / "letters.txt").write_text("1\nAnn\t1\tx\n")
+    with pytest.raises(ValueError, match="letters.txt, line 2: expected 'Name i j'"):
+        read_pairs(tmp_path / "letters.txt")
+    (root / "Bo" / "Bo_0002.png").write_bytes(b"not a png")
+    with pytest.raises(ImageDecodeError, match=r"pairs.txt, line 4: cannot decode image .*Bo_0002"):
+        load_pairs(pairs, root, image_size=40, progress=False)
     with pytest.raises(FileNotFoundError):
         load_verification_set(f"{pairs}:{tmp_path / 'nope'}")
+
+
+def test_bin_that_is_not_a_bin_is_named(tmp_path: Path) -> None:
+    for name, data, why in [
+        ("random.bin", bytes(range(7, 256)) * 4, "it does not start like a pickle"),
+        ("empty.bin", b"", "empty file"),
+        ("cut.bin", pickle.dumps(([b"x", b"y"], [True]), protocol=4)[:20], "pickle data"),
+    ]:
+        path = tmp_path / name
+        path.write_bytes(data)
+        with pytest.raises(ValueError) as err:
+            load_bin(path, progress=False)
+        assert str(err.value).startswith(f"{path}: ") and why in str(err.value)
+        assert "\n" not in str(err.value)
+
+
+def test_craft_train_bad_val_files_are_one_line(tmp_path: Path, pairs_setup) -> None:
+    """``--val`` files that cannot be used: one line naming the file, exit 2, nothing written."""
+    from test_train import TINY, assert_one_line_error, run_cli
+
+    pairs, root, _ = pairs_setup
+    missing = tmp_path / "missing.txt"
+    missing.write_text("1\nAnn\t1\t9\n")
+    random_bin = tmp_path / "random.bin"
+    random_bin.write_bytes(bytes(range(256)) * 8)
+    out = tmp_path / "run"
+    for spec, needles in [
+        (f"{missing}:{root}", [f"--val {missing} names 1 image(s) missing", "Ann_0009.jpg"]),
+        (str(random_bin), [f"--val {random_bin}: not an insightface verification .bin"]),
+    ]:
+        args = [*TINY[: TINY.index("--val")], "--val", spec, "--output", str(out)]
+        assert_one_line_error(run_cli(*args), *needles)
+        assert not out.exists()
 
 
 @needs_lfw

@@ -2,166 +2,88 @@
 
 The CRAFT paper's setting (Bhatta et al., arXiv 2312.00072): SGD (momentum 0.9, weight decay
 5e-4), combined-margin loss, and reactivation of the first conv layer's inactive filters at
-every epoch end (``ReactivatingSGD``). Runs on one device or many (torchrun: DDP, partial FC
-sharded across ranks).
+every epoch end (``ReactivatingSGD``); or AdamW with a :class:`craft_ext.Reactivator`
+attached. Runs on one device or many (torchrun: DDP, partial FC sharded across ranks).
+
+Steps are optimizer steps: with ``--grad-accum N`` each takes N micro-batches. The LR
+schedule spans the steps that will run, ``min(epochs * steps_per_epoch, max_steps)``, and
+every run is verified at its end.
 
 Determinism: the batch order of epoch e comes from a generator seeded by (seed, e); flips from
-one seeded by (seed, step); so a run resumed from a checkpoint (which carries the model,
-head, optimizer, scheduler, RNG and data position) continues exactly as an uninterrupted run
-would (bit-identical on CPU).
+one seeded by (seed, step, micro-batch); so a run resumed from a checkpoint (which carries the
+model, head, optimizer, scheduler, RNG, data position and loss accumulators) continues exactly
+as an uninterrupted run would (bit-identical on CPU). Checkpoints, including the one Ctrl-C
+saves, fall on optimizer-step boundaries.
 """
 
 from __future__ import annotations
 
+import contextlib
 import gc
 import json
 import math
 import os
 import time
-from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
 import torch
 import torch.distributed as dist
 from torch import Tensor, nn
-from torch.utils.data import DataLoader, Dataset, Sampler
+from torch.utils.data import DataLoader
 
 import craft_ext
 from craft_ext.channel import channels_of
-from craft_ext.checkpoint import CHECKPOINT_FORMAT, atomic_copy, atomic_save, load_checkpoint
+from craft_ext.data.image import ImageDecodeError
 from craft_ext.train.config import TrainConfig
+from craft_ext.train.errors import (
+    RunError,
+    StopRequest,
+    TrainingDiverged,
+    TrainingInterrupted,
+    decode_error_text,
+    ignore_sigint,
+)
+from craft_ext.train.filters import FilterWatch
+from craft_ext.train.inputs import (
+    EpochBatches,
+    SkipReporting,
+    build_train_set,
+    build_val_sets,
+    collate,
+    collate_with_skips,
+    val_specs,
+)
 from craft_ext.train.logging import RunLogger
-from craft_ext.train.toy import ToyFaces, toy_pairs
+from craft_ext.train.report import EpochTable, format_summary
+from craft_ext.train.resume import load_for_resume
+from craft_ext.train.state import Checkpointing
 
-__all__ = ["EpochBatches", "TrainingDiverged", "Trainer", "decay_budget", "train"]
+__all__ = [
+    "EpochBatches",
+    "TrainingDiverged",
+    "Trainer",
+    "build_train_set",
+    "build_val_sets",
+    "decay_budget",
+    "format_summary",
+    "train",
+]
 
 
-class TrainingDiverged(RuntimeError):
-    """The loss became NaN or Inf; the run stopped without overwriting good checkpoints."""
+def decay_budget(
+    lrs: list[float], weight_decay: float, momentum: float, *, decoupled: bool = False
+) -> float:
+    """The decay budget D of a schedule: sum_t lr_t * weight_decay / (1 - momentum) for SGD
+    (coupled decay, amplified by momentum mu), sum_t lr_t * weight_decay for AdamW
+    (``decoupled``).
 
-
-# ---------------------------------------------------------------------------------------------
-# Data
-# ---------------------------------------------------------------------------------------------
-
-
-class EpochBatches(Sampler[list[int]]):
-    """Deterministic, resumable, rank-sharded batches of one epoch.
-
-    Epoch ``e``'s order is a permutation drawn from a generator seeded by ``(seed, e)``; the
-    first ``len // (batch_size * world)`` global batches are kept (drop_last), global batch b is
-    split across ranks, and the first ``skip`` batches of this rank are left out (resume).
+    A weight that gets no useful gradient shrinks by about exp(-D) over the run: channels
+    whose gradient fades die when D is large (arcface_torch's r50 recipes have D of about 17
+    or more; a few-minute CPU run well under 1).
     """
-
-    def __init__(
-        self,
-        n: int,
-        batch_size: int,
-        *,
-        seed: int,
-        epoch: int,
-        rank: int = 0,
-        world: int = 1,
-        skip: int = 0,
-    ) -> None:
-        self.n, self.batch_size, self.seed, self.epoch = n, batch_size, seed, epoch
-        self.rank, self.world, self.skip = rank, world, skip
-        self.batches_per_epoch = n // (batch_size * world)
-
-    def __len__(self) -> int:
-        return max(0, self.batches_per_epoch - self.skip)
-
-    def __iter__(self) -> Iterator[list[int]]:
-        g = torch.Generator().manual_seed(self.seed * 1_000_003 + self.epoch)
-        perm = torch.randperm(self.n, generator=g)
-        usable = self.batches_per_epoch * self.batch_size * self.world
-        grid = perm[:usable].view(self.batches_per_epoch, self.world, self.batch_size)
-        for b in range(self.skip, self.batches_per_epoch):
-            yield grid[b, self.rank].tolist()
-
-
-def _collate(items: list[tuple[Tensor, int]]) -> tuple[Tensor, Tensor]:
-    images = torch.stack([torch.as_tensor(img) for img, _ in items])
-    labels = torch.tensor([int(label) for _, label in items], dtype=torch.int64)
-    return images, labels
-
-
-def _parse_toy(spec: str) -> tuple[int, int]:
-    parts = spec.split(":")
-    try:
-        classes = int(parts[1]) if len(parts) > 1 else 100
-        per_class = int(parts[2]) if len(parts) > 2 else 24
-    except ValueError:
-        raise ValueError(f"--data {spec!r}: expected toy[:CLASSES[:IMAGES_PER_CLASS]]") from None
-    return classes, per_class
-
-
-def build_train_set(cfg: TrainConfig) -> tuple[Dataset, int]:
-    """The training data set named by ``cfg.data`` and its number of identities."""
-    spec = cfg.data
-    if spec == "toy" or spec.startswith("toy:"):
-        classes, per_class = _parse_toy(spec)
-        return ToyFaces(classes, per_class, size=cfg.image_size, seed=cfg.seed), classes
-    from craft_ext import data as cdata
-
-    if spec == "synthetic" or spec.startswith("synthetic:"):
-        classes, per_class = _parse_toy(spec)
-        ds = cdata.SyntheticFaceDataset(
-            num_classes=classes,
-            num_samples=classes * per_class,
-            size=cfg.image_size,
-            seed=cfg.seed,
-        )
-        return ds, classes
-    path = Path(spec)
-    # resized in the loader workers as the verification sets are (PIL bilinear + centre crop)
-    resize = cdata.Resize(cfg.image_size)
-    if (path / "train.rec").is_file():
-        ds = cdata.RecordIODataset(path, transform=resize)
-        return ds, ds.num_classes
-    if path.is_dir():
-        ds = cdata.ImageFolderDataset(
-            path,
-            transform=resize,
-            identities=cfg.identities,
-            min_images=cfg.min_images,
-            on_error=cfg.on_error,
-            progress=cfg.progress,
-        )
-        return ds, ds.num_classes
-    raise FileNotFoundError(
-        f"--data {spec!r}: not 'toy', 'synthetic', an image folder or a RecordIO directory"
-    )
-
-
-def build_val_sets(cfg: TrainConfig) -> list[Any]:
-    """Verification sets named by ``cfg.val`` (:class:`craft_ext.eval.VerificationSet`)."""
-    from craft_ext.eval import VerificationSet, load_verification_set
-
-    out = []
-    for spec in cfg.val:
-        if spec == "toy":
-            images, issame = toy_pairs(600, size=cfg.image_size, seed=cfg.seed)
-            out.append(VerificationSet("toy", images, issame, 10))
-        else:
-            out.append(load_verification_set(spec, image_size=cfg.image_size, progress=False))
-    return out
-
-
-# ---------------------------------------------------------------------------------------------
-# The trainer
-# ---------------------------------------------------------------------------------------------
-
-
-def decay_budget(lrs: list[float], weight_decay: float, momentum: float) -> float:
-    """The decay budget D = sum_t lr_t * weight_decay / (1 - momentum) of an SGD schedule.
-
-    With coupled weight decay and momentum mu, a weight that gets no useful gradient shrinks
-    by about exp(-D) over the run: channels whose gradient fades die when D is large
-    (arcface_torch's r50 recipes have D of about 17 or more; a few-minute CPU run well under 1).
-    """
-    return float(sum(lrs)) * weight_decay / (1.0 - momentum)
+    total = float(sum(lrs)) * weight_decay
+    return total if decoupled else total / (1.0 - momentum)
 
 
 def _poly_lambda(total: int, warmup: int, power: float):
@@ -183,8 +105,12 @@ def _resolve_device(name: str, local_rank: int) -> torch.device:
     return dev
 
 
-class Trainer:
-    """One ``craft-train`` run: construct with a :class:`TrainConfig`, then :meth:`run`."""
+class Trainer(Checkpointing, FilterWatch):
+    """One ``craft-train`` run: construct with a :class:`TrainConfig`, then :meth:`run`.
+
+    Construction checks everything that can be checked before training (data, verification
+    sets, the checkpoint to resume) and writes nothing until all of it passed.
+    """
 
     def __init__(self, cfg: TrainConfig) -> None:
         cfg.validate()
@@ -202,20 +128,107 @@ class Trainer:
         self.rank = dist.get_rank() if dist.is_initialized() else 0
         self.is_main = self.rank == 0
         self.out = Path(cfg.output)
-        if self.is_main:
-            self.out.mkdir(parents=True, exist_ok=True)
+        self._bar: Any = None
+        self.resume_note: str | None = None
 
         torch.manual_seed(cfg.seed)
         self.train_set, self.num_classes = build_train_set(cfg)
+        # the checkpoint to resume is checked before anything slower is built
+        resumed = load_for_resume(cfg.resume, cfg, self.num_classes) if cfg.resume else None
+        #: the verification sets' specs (the same on every rank; loaded on rank 0 only)
+        self.val_specs = val_specs(cfg)
         self.val_sets = build_val_sets(cfg) if self.is_main else []
+        self._build_model()
+        self._build_optimizers()
 
+        micro_batches = EpochBatches(
+            len(self.train_set),
+            cfg.batch_size,
+            seed=cfg.seed,
+            epoch=0,
+            world=self.world,
+            accumulate=cfg.grad_accum,
+        )
+        #: optimizer steps per epoch (each of --grad-accum micro-batches)
+        self.steps_per_epoch = len(micro_batches) // cfg.grad_accum
+        if self.steps_per_epoch == 0:
+            raise ValueError(
+                f"--batch-size {cfg.batch_size} x --grad-accum {cfg.grad_accum} x {self.world} "
+                f"process(es) exceeds the {len(self.train_set)} training images: no full step "
+                "per epoch"
+            )
+        #: optimizer steps this run takes in all (the LR schedule spans them)
+        self.total_steps = cfg.epochs * self.steps_per_epoch
+        if cfg.max_steps is not None:
+            self.total_steps = min(self.total_steps, cfg.max_steps)
+        #: epochs that (at least partly) run
+        self.planned_epochs = min(cfg.epochs, math.ceil(self.total_steps / self.steps_per_epoch))
+        warmup = int(cfg.warmup_epochs * self.steps_per_epoch)
+        lam = _poly_lambda(self.total_steps, warmup, cfg.poly_power)
+        self.decay_budget = decay_budget(
+            [cfg.lr * lam(t) for t in range(self.total_steps)],
+            cfg.weight_decay,
+            cfg.momentum,
+            decoupled=cfg.optimizer == "adamw",
+        )
+        self.schedulers = [
+            torch.optim.lr_scheduler.LambdaLR(self.optimizer, lam),
+            torch.optim.lr_scheduler.LambdaLR(self.head_optimizer, lam),
+        ]
+        self.amp_dtype = {"none": None, "bf16": torch.bfloat16, "fp16": torch.float16}[cfg.amp]
+        use_scaler = cfg.amp == "fp16" and self.device.type == "cuda"
+        self.scaler = torch.amp.GradScaler(self.device.type, enabled=use_scaler)
+        self.model: nn.Module = self.backbone
+        if self.world > 1:
+            ids = [self.device.index] if self.device.type == "cuda" else None
+            self.model = nn.parallel.DistributedDataParallel(self.backbone, device_ids=ids)
+
+        self.step = 0
+        self.epoch = 0
+        self.batch_in_epoch = 0  # optimizer steps done in the current epoch
+        self.best: dict[str, float] = {}
+        self.history: list[dict[str, Any]] = []
+        self.final: dict[str, Any] | None = None
+        self.reactivated_total = 0
+        self.skipped_images: dict[str, str] = {}  # path -> reason, in the order met
+        self.last_good_checkpoint: Path | None = None
+        self.saved_step = -1  # the step of the last checkpoint written (or loaded)
+        self.last_val_step = -1  # the step of the last epoch-end / final verification
+        # loss sums on the device (read at log steps and epoch ends), and their step counts
+        self._window = [torch.zeros((), device=self.device), 0]
+        self._epoch_loss = [torch.zeros((), device=self.device), 0]
+        self._stopping = False
+        self._step_metrics: tuple[int, dict[str, float]] = (-1, {})  # the last --val-every's
+        if cfg.plant_inactive:  # checked now, not after the first epoch that plants them
+            self._first_conv_weight(cfg.plant_inactive)
+            if cfg.plant_through == "bn" and not self.channels[self.layers[0]].has_bn:
+                raise ValueError(
+                    f"--plant-through bn: {self.layers[0]} is followed by no BatchNorm"
+                )
+        if resumed is not None:
+            self._load(resumed, str(cfg.resume))
+        if self.is_main:  # everything checked: now the run directory may be written
+            self.out.mkdir(parents=True, exist_ok=True)
+        self.logger = RunLogger(
+            self.out, enabled=self.is_main, resume_step=self.step if cfg.resume else None
+        )
+
+    # -- construction ----------------------------------------------------------------------
+
+    def _build_model(self) -> None:
         from craft_ext.heads import PartialFC
         from craft_ext.losses import CombinedMarginLoss
         from craft_ext.models import get_model
 
+        cfg = self.cfg
         residual_scale: Any = cfg.residual_scale
         if residual_scale not in (None, "trainable"):
-            residual_scale = float(residual_scale)
+            try:
+                residual_scale = float(residual_scale)
+            except ValueError:
+                raise ValueError(
+                    f"--residual-scale must be a number or 'trainable', got {residual_scale!r}"
+                ) from None
         self.backbone = get_model(
             cfg.network,
             width=cfg.width,
@@ -234,14 +247,13 @@ class Trainer:
             sample_rate=cfg.sample_rate,
             margin_loss=CombinedMarginLoss(cfg.scale, *cfg.margin),
         ).to(self.device)
-
         params = dict(self.backbone.named_parameters())
         #: the layers whose filters are logged (and watched, unless --reactivation none)
         self.layers = list(cfg.reactivate_layers) or [self._first_conv_name()]
         unknown = [n for n in self.layers if n not in params]
         if unknown:
             raise ValueError(
-                f"reactivate_layers: {unknown} are not parameters of {cfg.network}; e.g. "
+                f"--reactivate-layers: {unknown} are not parameters of {cfg.network}; e.g. "
                 f"{list(params)[:4]}"
             )
         #: each layer's channel (its BatchNorm / PReLU, found by craft_ext.channels_of)
@@ -249,195 +261,85 @@ class Trainer:
             ch.name: ch for ch in channels_of(self.backbone, self.layers, trainable=False)
         }
         self.watched = list(self.layers) if cfg.reactivation != "none" else []
-        if cfg.criterion == "folded":
-            # BN-aware: detect on the folded filter, reactivate the whole channel
-            no_bn = [n for n in self.layers if not self.channels[n].has_bn]
-            if no_bn:
-                raise ValueError(
-                    f"--criterion folded: {no_bn} {'is' if len(no_bn) == 1 else 'are'} followed "
-                    "by no BatchNorm with running statistics; use --criterion weight"
-                )
-            targets: list[Any] = [(ch.name, ch) for ch in channels_of(self.backbone, self.watched)]
-        else:
-            targets = [(n, params[n]) for n in self.watched]
-        self.optimizer = craft_ext.ReactivatingSGD(
-            self.backbone.parameters(),
-            lr=cfg.lr,
-            momentum=cfg.momentum,
-            weight_decay=cfg.weight_decay,
-            reactivate=targets,
-            method=cfg.reactivation if cfg.reactivation != "none" else "craft",
-            criterion=cfg.criterion,
-            threshold=cfg.threshold,
-            interval=cfg.reactivate_every,
-            seed=cfg.seed,
-        )
-        self.head_optimizer = torch.optim.SGD(
-            self.head.parameters(),
-            lr=cfg.lr,
-            momentum=cfg.momentum,
-            weight_decay=cfg.weight_decay,
-        )
-        self.steps_per_epoch = len(
-            EpochBatches(
-                len(self.train_set), cfg.batch_size, seed=cfg.seed, epoch=0, world=self.world
-            )
-        )
-        if self.steps_per_epoch == 0:
+
+    def _targets(self) -> list[Any]:
+        """What the reactivation watches: ``(name, weight)`` pairs, or with ``--criterion
+        folded`` ``(name, Channel)`` pairs (detected on the BN-folded filter, reactivated as a
+        whole channel)."""
+        if self.cfg.criterion != "folded":
+            params = dict(self.backbone.named_parameters())
+            return [(n, params[n]) for n in self.watched]
+        no_bn = [n for n in self.layers if not self.channels[n].has_bn]
+        if no_bn:
             raise ValueError(
-                f"batch_size {cfg.batch_size} x {self.world} process(es) exceeds the "
-                f"{len(self.train_set)} training images: no full batch per epoch"
+                f"--criterion folded: {no_bn} {'is' if len(no_bn) == 1 else 'are'} followed "
+                "by no BatchNorm with running statistics; use --criterion weight"
             )
-        self.total_steps = cfg.epochs * self.steps_per_epoch
-        warmup = int(cfg.warmup_epochs * self.steps_per_epoch)
-        lam = _poly_lambda(self.total_steps, warmup, cfg.poly_power)
-        self.decay_budget = decay_budget(
-            [cfg.lr * lam(t) for t in range(self.total_steps)], cfg.weight_decay, cfg.momentum
+        return [(ch.name, ch) for ch in channels_of(self.backbone, self.watched)]
+
+    def _build_optimizers(self) -> None:
+        """The backbone's optimizer with CRAFT (``self.reactivator``) and the head's."""
+        cfg = self.cfg
+        craft: dict[str, Any] = {
+            "method": cfg.reactivation if cfg.reactivation != "none" else "craft",
+            "criterion": cfg.criterion,
+            "threshold": cfg.threshold,
+            "seed": cfg.seed,
+        }
+        if cfg.optimizer == "adamw":
+            hyper: dict[str, Any] = {
+                "lr": cfg.lr,
+                "betas": (cfg.momentum, 0.999),
+                "weight_decay": cfg.weight_decay,
+            }
+            self.optimizer: torch.optim.Optimizer = torch.optim.AdamW(
+                self.backbone.parameters(), **hyper
+            )
+            self.reactivator = craft_ext.Reactivator(self._targets(), **craft).attach(
+                self.optimizer, interval=cfg.reactivate_every
+            )
+            self.head_optimizer: torch.optim.Optimizer = torch.optim.AdamW(
+                self.head.parameters(), **hyper
+            )
+            return
+        hyper = {"lr": cfg.lr, "momentum": cfg.momentum, "weight_decay": cfg.weight_decay}
+        sgd = craft_ext.ReactivatingSGD(
+            self.backbone.parameters(),
+            reactivate=self._targets(),
+            interval=cfg.reactivate_every,
+            **hyper,
+            **craft,
         )
-        self.schedulers = [
-            torch.optim.lr_scheduler.LambdaLR(self.optimizer, lam),
-            torch.optim.lr_scheduler.LambdaLR(self.head_optimizer, lam),
-        ]
-        self.amp_dtype = {"none": None, "bf16": torch.bfloat16, "fp16": torch.float16}[cfg.amp]
-        use_scaler = cfg.amp == "fp16" and self.device.type == "cuda"
-        self.scaler = torch.amp.GradScaler(self.device.type, enabled=use_scaler)
-        self.model: nn.Module = self.backbone
-        if self.world > 1:
-            ids = [self.device.index] if self.device.type == "cuda" else None
-            self.model = nn.parallel.DistributedDataParallel(self.backbone, device_ids=ids)
+        self.optimizer, self.reactivator = sgd, sgd.reactivator
+        self.head_optimizer = torch.optim.SGD(self.head.parameters(), **hyper)
 
-        self.step = 0
-        self.epoch = 0
-        self.batch_in_epoch = 0
-        self.best: dict[str, float] = {}
-        self.history: list[dict[str, Any]] = []
-        self.reactivated_total = 0
-        self.last_good_checkpoint: Path | None = None
-        if cfg.plant_inactive:  # checked now, not after the first epoch that plants them
-            self._first_conv_weight(cfg.plant_inactive)
-            if cfg.plant_through == "bn" and not self.channels[self.layers[0]].has_bn:
-                raise ValueError(
-                    f"--plant-through bn: {self.layers[0]} is followed by no BatchNorm"
-                )
-        if cfg.resume is not None:
-            self._load(cfg.resume)
-        self.logger = RunLogger(
-            self.out, enabled=self.is_main, resume_step=self.step if cfg.resume else None
+    # -- printing ----------------------------------------------------------------------------
+
+    def say(self, text: str) -> None:
+        """Print a line on rank 0 (above the progress bar while there is one)."""
+        if not self.is_main:
+            return
+        if self._bar is not None:
+            self._bar.write(text)
+        else:
+            print(text, flush=True)
+
+    def _say_row(self, entry: dict[str, Any], label: str | None = None) -> None:
+        table = EpochTable([vs.name for vs in self.val_sets])
+        if not getattr(self, "_table_started", False):
+            self.say(table.header())
+            self._table_started = True
+        self.say(table.row(entry, label))
+
+    def _epoch_label(self) -> str:
+        return f"epoch {min(self.epoch + 1, self.planned_epochs)}/{self.planned_epochs}"
+
+    # -- a step ------------------------------------------------------------------------------
+
+    def _images(self, images: Tensor, micro: int = 0) -> Tensor:
+        g = torch.Generator().manual_seed(
+            self.cfg.seed * 7_000_003 + self.step * self.cfg.grad_accum + micro
         )
-
-    # -- helpers ---------------------------------------------------------------------------
-
-    def _first_conv_name(self) -> str:
-        """The parameter name of the first conv's weight (conv1.weight for an iresnet)."""
-        from craft_ext.models import first_conv
-
-        conv = first_conv(self.backbone)
-        return next(f"{n}.weight" for n, m in self.backbone.named_modules() if m is conv)
-
-    def _first_conv_weight(self, plant: int) -> Tensor:
-        """The first conv's weight; raises if it has fewer than ``plant`` filters."""
-        from craft_ext.models import first_conv
-
-        w = first_conv(self.backbone).weight
-        if plant > w.shape[0]:
-            raise ValueError(f"plant_inactive {plant} exceeds the {w.shape[0]} first-layer filters")
-        return w
-
-    def _plant_inactive(self, count: int) -> None:
-        """Kill ``count`` first-layer channels (demo / stress test), chosen by the seed:
-        ``plant_through="weight"`` scales their filters by 1e-4 (dead by the paper's rule);
-        ``"bn"`` sets their BatchNorm gamma to 1e-4 and scales their filters to max |w| = 5e-3
-        (dead only through BN, as in released models: the weight rule misses them)."""
-        w = self._first_conv_weight(count)
-        g = torch.Generator().manual_seed(self.cfg.seed + 99)
-        rows = torch.randperm(w.shape[0], generator=g)[:count].to(w.device)
-        with torch.no_grad():
-            if self.cfg.plant_through == "bn":
-                ch = self.channels[self.layers[0]]
-                peak = w[rows].abs().flatten(1).amax(1).clamp_min(1e-30)
-                w[rows] *= (5e-3 / peak).view(-1, *[1] * (w.dim() - 1)).to(w.dtype)
-                ch.bn_weight[rows] = 1e-4  # type: ignore[index]
-            else:
-                w[rows] *= 1e-4
-
-    def _layer_stats(self, name: str) -> dict[str, Tensor]:
-        """Filter statistics of layer ``name`` on the host: ``max_abs``, ``l1``, ``mean``,
-        ``std`` of the raw filters, and with a BatchNorm after the layer ``folded_max_abs`` /
-        ``folded_l1`` (times |gamma / sqrt(running_var + eps)|, the BN-folded filters, as
-        ``craft_ext.filter_stats(w, bn=bn)``) and ``bn_weight``."""
-        ch = self.channels[name]
-        with torch.no_grad():
-            stats = craft_ext.filter_stats(ch.weight.detach())
-            out = dict(stats._asdict())
-            scale = ch.folded_scale()
-            if scale is not None:
-                a = scale.abs()
-                out["folded_max_abs"] = stats.max_abs * a
-                out["folded_l1"] = stats.l1 * a
-                out["bn_weight"] = ch.bn_weight.detach().float()  # type: ignore[union-attr]
-        return {k: v.cpu() for k, v in out.items()}  # one read-back per tensor: logging only
-
-    def _dead(self, stats: dict[str, Tensor]) -> dict[str, int]:
-        """Dead filters by each criterion (folded only with a BatchNorm)."""
-        thr = self.cfg.threshold
-        out = {"weight": int((stats["max_abs"] <= thr).sum())}
-        if "folded_max_abs" in stats:
-            out["folded"] = int((stats["folded_max_abs"] <= thr).sum())
-        return out
-
-    def dead_counts(self) -> dict[str, dict[str, int]]:
-        """Per logged layer, dead filters by the weight and the folded criterion (host
-        read-back: logging only)."""
-        return {name: self._dead(self._layer_stats(name)) for name in self.layers}
-
-    def inactive_counts(self) -> dict[str, int]:
-        """Inactive filters per logged layer by the run's ``--criterion``."""
-        key = self.cfg.criterion
-        return {n: d.get(key, d["weight"]) for n, d in self.dead_counts().items()}
-
-    def _record_filter_stats(self, when: str) -> dict[str, dict[str, int]]:
-        """Log every logged layer's filter statistics; returns their dead counts (as
-        :meth:`dead_counts`, from the same statistics)."""
-        counts = {}
-        for name in self.layers:
-            stats = self._layer_stats(name)
-            counts[name] = self._dead(stats)
-            self.logger.log_filter_stats(
-                {
-                    "epoch": self.epoch,
-                    "step": self.step,
-                    "layer": name,
-                    "when": when,
-                    "threshold": self.cfg.threshold,
-                    **{k: v.tolist() for k, v in stats.items()},
-                }
-            )
-        return counts
-
-    def _count(self, dead: dict[str, dict[str, int]], criterion: str | None = None) -> int:
-        key = criterion or self.cfg.criterion
-        return sum(d.get(key, d["weight"]) for d in dead.values())
-
-    def _drain_events(self) -> int:
-        count = 0
-        for ev in self.optimizer.drain_events():
-            filters = list(ev.filters)
-            count += len(filters)
-            self.logger.log_reactivation(
-                {
-                    "step": ev.step,
-                    "epoch": self.epoch,
-                    "param": ev.name,
-                    "method": ev.method,
-                    "filters": filters,
-                    "donors": list(ev.donors),
-                }
-            )
-        self.reactivated_total += count
-        return count
-
-    def _images(self, images: Tensor) -> Tensor:
-        g = torch.Generator().manual_seed(self.cfg.seed * 7_000_003 + self.step)
         flip = torch.rand(images.shape[0], generator=g) < 0.5
         images = torch.where(flip[:, None, None, None], images.flip(3), images)
         x = images.to(self.device, non_blocking=True)
@@ -451,7 +353,13 @@ class Trainer:
             x = x.contiguous(memory_format=torch.channels_last)
         return x
 
-    def _loader(self) -> DataLoader:
+    def _loader(self, skips: bool = False) -> DataLoader:
+        """This epoch's remaining micro-batches ``(images, labels)``; with ``skips``
+        ``(images, labels, skipped)``, ``skipped`` the ``(path, reason)`` of unreadable images
+        passed over (``--on-error skip`` on an image folder)."""
+        dataset: Any = self.train_set
+        if skips and hasattr(dataset, "load_item"):
+            dataset = SkipReporting(dataset)
         sampler = EpochBatches(
             len(self.train_set),
             self.cfg.batch_size,
@@ -459,35 +367,51 @@ class Trainer:
             epoch=self.epoch,
             rank=self.rank,
             world=self.world,
-            skip=self.batch_in_epoch,
+            skip=self.batch_in_epoch * self.cfg.grad_accum,
+            accumulate=self.cfg.grad_accum,
         )
         return DataLoader(
-            self.train_set,
+            dataset,
             batch_sampler=sampler,
             num_workers=self.cfg.workers,
-            collate_fn=_collate,
+            collate_fn=collate_with_skips if skips else collate,
             pin_memory=self.device.type == "cuda",
+            worker_init_fn=ignore_sigint if self.cfg.workers else None,
             # the loader's own seed source: creating an iterator must not draw from the global
             # RNG (dropout's), or a run resumed mid-epoch would diverge from an unbroken one
             generator=torch.Generator().manual_seed(self.cfg.seed * 1_000_003 + self.epoch),
         )
 
     def train_step(self, images: Tensor, labels: Tensor) -> Tensor:
-        """One optimizer step; returns the loss (on device, not read back)."""
-        x = self._images(images)
-        labels = labels.to(self.device, non_blocking=True)
+        """One optimizer step on one batch; returns the loss (on device, not read back)."""
+        return self.step_on([(images, labels)])
+
+    def step_on(self, batches: list[tuple[Tensor, Tensor]]) -> Tensor:
+        """One optimizer step over ``batches`` (micro-batches: gradients accumulate, each
+        loss weighted 1 / len(batches)); returns the mean loss (on device, not read back)."""
+        k = len(batches)
         self.model.train()
         self.head.train()
-        with torch.autocast(
-            self.device.type,
-            dtype=self.amp_dtype or torch.float32,
-            enabled=self.amp_dtype is not None,
-        ):
-            emb = self.model(x)
-        loss = self.head(emb.float(), labels)
         self.optimizer.zero_grad(set_to_none=True)
         self.head_optimizer.zero_grad(set_to_none=True)
-        self.scaler.scale(loss).backward()
+        total = torch.zeros((), device=self.device)
+        for j, (images, labels) in enumerate(batches):
+            x = self._images(images, j)
+            labels = labels.to(self.device, non_blocking=True)
+            if j == k - 1 or self.model is self.backbone:
+                sync: Any = contextlib.nullcontext()
+            else:  # DDP: gradients all-reduced once, with the last micro-batch's
+                sync = self.model.no_sync()
+            with sync:
+                with torch.autocast(
+                    self.device.type,
+                    dtype=self.amp_dtype or torch.float32,
+                    enabled=self.amp_dtype is not None,
+                ):
+                    emb = self.model(x)
+                loss = self.head(emb.float(), labels)
+                self.scaler.scale(loss if k == 1 else loss / k).backward()
+            total += loss.detach()
         if self.cfg.clip_grad is not None:
             self.scaler.unscale_(self.optimizer)
             nn.utils.clip_grad_norm_(self.backbone.parameters(), self.cfg.clip_grad)
@@ -497,7 +421,7 @@ class Trainer:
         for s in self.schedulers:
             s.step()
         self.step += 1
-        return loss.detach()
+        return total if k == 1 else total / k
 
     # -- evaluation ------------------------------------------------------------------------
 
@@ -522,71 +446,14 @@ class Trainer:
         self.backbone.train()
         return out
 
-    # -- checkpoints -----------------------------------------------------------------------
-
-    def _state(self) -> dict[str, Any]:
-        head_full = self.head.full_state_dict()  # collective under DDP: every rank calls it
-        return {
-            "format": CHECKPOINT_FORMAT,
-            "backbone": self.backbone.state_dict(),
-            "head": head_full,
-            "optimizer": self.optimizer.state_dict(),
-            "head_optimizer": self.head_optimizer.state_dict() if self.world == 1 else None,
-            "schedulers": [s.state_dict() for s in self.schedulers],
-            "scaler": self.scaler.state_dict(),
-            "epoch": self.epoch,
-            "step": self.step,
-            "batch_in_epoch": self.batch_in_epoch,
-            "world_size": self.world,
-            "rng": torch.get_rng_state(),
-            "cuda_rng": torch.cuda.get_rng_state(self.device)
-            if self.device.type == "cuda"
-            else None,
-            "best": dict(self.best),
-            "history": list(self.history),
-            "reactivated_total": self.reactivated_total,
-            "config": self.cfg.to_dict(),
-        }
-
-    def save(self, name: str = "checkpoint_last.pt", *, also_best: bool = False) -> Path | None:
-        """Write a checkpoint atomically (rank 0; collective: call on every rank); returns its
-        path. ``also_best`` (read on rank 0 only) also writes ``checkpoint_best.pt``."""
-        state = self._state()
-        if not self.is_main:
-            return None
-        path = atomic_save(state, self.out / name)
-        if name == "checkpoint_last.pt":
-            self.last_good_checkpoint = path
-        if also_best:  # the same bytes: copied, not serialised a second time
-            atomic_copy(path, self.out / "checkpoint_best.pt")
-        return path
-
-    def _load(self, where: str) -> None:
-        ckpt = load_checkpoint(where, map_location="cpu")
-        if ckpt.get("format") != CHECKPOINT_FORMAT:
-            raise ValueError(f"--resume {where}: not a craft-train checkpoint")
-        self.backbone.load_state_dict(ckpt["backbone"])
-        self.head.load_full_state_dict(ckpt["head"])
-        self.optimizer.load_state_dict(ckpt["optimizer"])
-        if ckpt.get("head_optimizer") is not None and ckpt.get("world_size") == self.world:
-            self.head_optimizer.load_state_dict(ckpt["head_optimizer"])
-        elif self.is_main:
-            print("craft-train: world size changed; head momentum restarts from zero")
-        for s, sd in zip(self.schedulers, ckpt["schedulers"], strict=True):
-            s.load_state_dict(sd)
-        self.scaler.load_state_dict(ckpt["scaler"])
-        self.epoch, self.step = int(ckpt["epoch"]), int(ckpt["step"])
-        self.batch_in_epoch = int(ckpt["batch_in_epoch"])
-        if ckpt.get("world_size", 1) != self.world:
-            # batch positions are per world size: restart the interrupted epoch's remainder
-            done = self.batch_in_epoch * ckpt.get("world_size", 1)
-            self.batch_in_epoch = min(done // self.world, self.steps_per_epoch)
-        torch.set_rng_state(ckpt["rng"])
-        if ckpt.get("cuda_rng") is not None and self.device.type == "cuda":
-            torch.cuda.set_rng_state(ckpt["cuda_rng"], self.device)
-        self.best = dict(ckpt.get("best", {}))
-        self.history = list(ckpt.get("history", []))
-        self.reactivated_total = int(ckpt.get("reactivated_total", 0))
+    def _update_best(self, metrics: dict[str, float]) -> bool:
+        """Record ``metrics`` in :attr:`best`; whether the first set's accuracy improved
+        (it decides checkpoint_best.pt)."""
+        accuracies = [k for k in metrics if k.endswith("/accuracy")]
+        improved = bool(accuracies) and metrics[accuracies[0]] > self.best.get(accuracies[0], -1.0)
+        for key in accuracies:
+            self.best[key] = max(metrics[key], self.best.get(key, -1.0))
+        return improved
 
     # -- the loop ----------------------------------------------------------------------------
 
@@ -595,83 +462,244 @@ class Trainer:
             return
         where = self.last_good_checkpoint or "none saved yet"
         raise TrainingDiverged(
-            f"loss is {loss_value} at step {self.step} (epoch {self.epoch}); stopping. The last "
-            f"good checkpoint is kept: {where}. Try a lower --lr, --clip-grad, or --amp bf16."
+            f"loss is {loss_value} at step {self.step} (epoch {self.epoch + 1}); stopping. The "
+            f"last good checkpoint is kept: {where}. Try a lower --lr, --clip-grad, or "
+            "--amp bf16."
         )
 
+    def _stop_now(self, stop: StopRequest, *, boundary: bool = False) -> bool:
+        """Whether Ctrl-C asked to stop, agreed by every rank: checked at every step on one
+        process; under DDP (an all-reduce) at log steps and epoch boundaries only."""
+        if not self._stopping:
+            if self.world == 1:
+                self._stopping = stop.requested
+            elif boundary or self.step % self.cfg.log_every == 0:
+                flag = torch.tensor([float(stop.requested)], device=self.device)
+                dist.all_reduce(flag, op=dist.ReduceOp.MAX)
+                self._stopping = bool(flag.item())
+        return self._stopping
+
     def run(self) -> dict[str, Any]:
-        """Train to ``epochs`` (or ``max_steps``); returns the summary (also summary.json)."""
+        """Train to ``epochs`` (or ``max_steps``); verify at the end; returns the summary
+        (also summary.json). Raises :class:`TrainingInterrupted` after saving a checkpoint on
+        Ctrl-C, :class:`RunError` for an unreadable image, :class:`TrainingDiverged` for a
+        NaN / Inf loss."""
         cfg = self.cfg
-        max_steps = cfg.max_steps if cfg.max_steps is not None else self.total_steps
-        progress = None
+        if self.resume_note:
+            self.say(self.resume_note)
         if self.is_main and cfg.progress:
             from tqdm import tqdm
 
-            progress = tqdm(
-                total=min(max_steps, self.total_steps),
+            self._bar = tqdm(
+                total=self.total_steps,
                 initial=self.step,
-                desc="craft-train",
+                desc=self._epoch_label(),
                 unit="step",
                 dynamic_ncols=True,
             )
-        loss_sum = torch.zeros((), device=self.device)
-        loss_count = 0
-        t_last, images_since = time.perf_counter(), 0
-        stopped_early = False
+        self._clock = (time.perf_counter(), 0)
+        stop = StopRequest()
         try:
-            while self.epoch < cfg.epochs and self.step < max_steps:
-                for images, labels in self._loader():
-                    loss_sum += self.train_step(images, labels)
-                    loss_count += 1
-                    self.batch_in_epoch += 1
-                    if cfg.stats_every and self.step % cfg.stats_every == 0:
-                        self._record_filter_stats("step")
-                    images_since += images.shape[0] * self.world
-                    if progress is not None:
-                        progress.update(1)
-                    if self.step % cfg.log_every == 0 or self.step >= max_steps:
-                        loss_value = float(loss_sum / max(loss_count, 1))
-                        self._check_finite(loss_value)
-                        now = time.perf_counter()
-                        ips = images_since / max(now - t_last, 1e-9)
-                        inactive = sum(self.inactive_counts().values())
-                        reactivated = self._drain_events()
-                        record = {
-                            "kind": "step",
-                            "step": self.step,
-                            "epoch": self.epoch,
-                            "loss": loss_value,
-                            "lr": self.schedulers[0].get_last_lr()[0],
-                            "inactive_filters": inactive,
-                            "reactivated": reactivated,
-                            "reactivated_total": self.reactivated_total,
-                            "images_per_s": ips,
-                        }
-                        if cfg.val_every and self.step % cfg.val_every == 0:
-                            record.update(self.evaluate())
-                        self.logger.log(record)
-                        if progress is not None:
-                            progress.set_postfix(
-                                loss=f"{loss_value:.3f}", img_s=f"{ips:.0f}", inactive=inactive
-                            )
-                        loss_sum.zero_()
-                        loss_count, t_last, images_since = 0, now, 0
-                    if cfg.save_every and self.step % cfg.save_every == 0:
-                        self.save()
-                    if self.step >= max_steps:
+            with stop:
+                while (
+                    self.epoch < cfg.epochs
+                    and self.step < self.total_steps
+                    and not self._stop_now(stop, boundary=True)
+                ):
+                    if not self._train_epoch(stop):
                         break
-                if self.batch_in_epoch >= self.steps_per_epoch:
                     self._end_epoch()
-                elif self.step >= max_steps:
-                    stopped_early = True
-                    break
+                    if self._bar is not None:
+                        self._bar.set_description(self._epoch_label())
         finally:
-            if progress is not None:
-                progress.close()
-        if loss_count:
-            self._check_finite(float(loss_sum / loss_count))
-        if stopped_early or self.cfg.max_steps is not None:
+            if self._bar is not None:
+                self._bar.close()
+                self._bar = None
+        if self._stopping:
+            saved = None
+            if self.step > 0 and self.saved_step != self.step:
+                saved = self.save()
+            self.logger.close()
+            raise TrainingInterrupted(
+                self.step, self.position(), saved or self.last_good_checkpoint
+            )
+        return self._finish()
+
+    def _train_epoch(self, stop: StopRequest) -> bool:
+        """Train the rest of the current epoch; False when the run stopped inside it
+        (``--max-steps`` reached, or Ctrl-C)."""
+        accum = self.cfg.grad_accum
+        loader = iter(self._loader(skips=True))
+        while self.batch_in_epoch < self.steps_per_epoch:
+            if self.step >= self.total_steps or self._stop_now(stop):
+                return False
+            group = []
+            for _ in range(accum):
+                try:
+                    images, labels, skipped = next(loader)
+                except ImageDecodeError as exc:
+                    raise self._unreadable(exc) from None
+                for path, reason in skipped:
+                    if path not in self.skipped_images:
+                        self.skipped_images[path] = reason
+                        self.say(f"craft-train: skipping unreadable image ({reason})")
+                group.append((images, labels))
+            loss = self.step_on(group)
+            self.batch_in_epoch += 1
+            self._after_step(loss, sum(b[0].shape[0] for b in group) * self.world)
+        return True
+
+    def _unreadable(self, exc: ImageDecodeError) -> RunError:
+        """The one-line error of an image that does not decode (``--on-error raise``); the
+        steps trained since the last checkpoint are saved first (one process)."""
+        saved = ""
+        if self.world == 1 and self.step > max(self.saved_step, 0):
+            saved = f"; stopped at step {self.step}, saved {self.save()}"
+        return RunError(
+            f"{decode_error_text(exc)}{saved} (remove or replace the file, or pass "
+            "--on-error skip; then --resume continues)"
+        )
+
+    def _after_step(self, loss: Tensor, images: int) -> None:
+        """Bookkeeping of a step: loss sums, step statistics, metric records, checkpoints."""
+        cfg = self.cfg
+        for acc in (self._window, self._epoch_loss):
+            acc[0] += loss
+            acc[1] += 1
+        if cfg.stats_every and self.step % cfg.stats_every == 0:
+            self._record_filter_stats("step")
+        t_last, images_since = self._clock
+        self._clock = (t_last, images_since + images)
+        if self._bar is not None:
+            self._bar.update(1)
+        if self.step % cfg.log_every == 0 or self.step >= self.total_steps:
+            loss_value = float(self._window[0] / max(self._window[1], 1))
+            self._check_finite(loss_value)
+            now = time.perf_counter()
+            ips = (images_since + images) / max(now - t_last, 1e-9)
+            inactive = sum(self.inactive_counts().values())
+            record = {
+                "kind": "step",
+                "step": self.step,
+                "epoch": self.epoch,
+                "loss": loss_value,
+                "lr": self.schedulers[0].get_last_lr()[0],
+                "inactive_filters": inactive,
+                "reactivated": self._drain_events(),
+                "reactivated_total": self.reactivated_total,
+                "images_per_s": ips,
+            }
+            if cfg.val_every and self.step % cfg.val_every == 0:
+                metrics = self.evaluate()
+                self._step_metrics = (self.step, metrics)  # reused if the run ends here
+                record.update(metrics)
+                if metrics:
+                    self.say(f"  step {self.step}: verification {self._accuracies(metrics)}")
+            self.logger.log(record)
+            if self._bar is not None:
+                self._bar.set_postfix(
+                    loss=f"{loss_value:.3f}", img_s=f"{ips:.0f}", inactive=inactive
+                )
+            self._window = [torch.zeros((), device=self.device), 0]
+            self._clock = (now, 0)
+        if cfg.save_every and self.step % cfg.save_every == 0:
             self.save()
+
+    @staticmethod
+    def _accuracies(metrics: dict[str, float]) -> str:
+        return ", ".join(
+            f"{k.split('/')[1]} {v:.4f}" for k, v in metrics.items() if k.endswith("/accuracy")
+        )
+
+    def _epoch_mean_loss(self) -> float | None:
+        """The mean loss of the epoch's steps (None when it had none here); checked finite,
+        then the sums restart."""
+        total, count = self._epoch_loss
+        self._epoch_loss = [torch.zeros((), device=self.device), 0]
+        if not count:
+            return None
+        value = float(total / count)
+        self._check_finite(value)
+        return value
+
+    def _end_epoch(self) -> None:
+        """Epoch end: CRAFT reactivation (every epoch end but the last), statistics,
+        verification (every ``val_every_epochs`` and after the last), a table row,
+        checkpoints."""
+        if self.cfg.plant_inactive and self.epoch == 0:
+            # demo only: filters die over a long run (weight decay outweighs their gradient);
+            # a few-minute demo simulates that state at the first epoch end
+            self._plant_inactive(self.cfg.plant_inactive)
+        before = self._record_filter_stats("before")
+        last = self.epoch + 1 >= self.cfg.epochs or self.step >= self.total_steps
+        # not after the last epoch: a channel reactivated then would never train, and the
+        # final model (and its verification) would carry untrained rewrites
+        if self.watched and self.cfg.reactivate_every is None and not last:
+            self.reactivator.reactivate()
+        reactivated = self._drain_events()
+        after = self._record_filter_stats("after")
+        every = self.cfg.val_every_epochs
+        verify = bool(self.val_specs) and (last or bool(every and (self.epoch + 1) % every == 0))
+        metrics = self.evaluate() if verify else {}
+        if verify:
+            self.last_val_step = self.step
+        loss = self._epoch_mean_loss()
+        entry = {
+            "kind": "epoch",
+            "epoch": self.epoch,
+            "step": self.step,
+            "loss": loss,
+            "inactive_filters": self._count(before),
+            "inactive_after": self._count(after),
+            "dead_weight": self._count(before, "weight"),
+            "dead_folded": self._count(before, "folded"),
+            "reactivated": reactivated,
+            "reactivated_total": self.reactivated_total,
+            "lr": self.schedulers[0].get_last_lr()[0],
+            **metrics,
+        }
+        self.logger.log(entry)
+        self.history.append(entry)
+        self._say_row(entry)
+        self.epoch += 1
+        self.batch_in_epoch = 0
+        improved = self._update_best(metrics)
+        # verification runs on rank 0 only, so only rank 0 knows whether this epoch improved:
+        # gather the (collective) state once on every rank, then write last (and best)
+        self.save(also_best=improved)  # the first --val set decides which checkpoint is best
+
+    def _finish(self) -> dict[str, Any]:
+        """End of the run: verify it where no epoch end just did (a run stopped by
+        ``--max-steps`` inside an epoch), save, write backbone.pth and summary.json."""
+        if self._window[1]:
+            self._check_finite(float(self._window[0] / self._window[1]))
+        improved = False
+        verify = bool(self.val_specs) and self.last_val_step != self.step  # same on all ranks
+        if verify:
+            step, metrics = self._step_metrics
+            if step != self.step:
+                metrics = self.evaluate()
+            self.last_val_step = self.step
+            dead = self.dead_counts()
+            loss = self._epoch_mean_loss()
+            self.final = {
+                "kind": "final",
+                "epoch": self.epoch,
+                "step": self.step,
+                "loss": loss,
+                "inactive_filters": self._count(dead),
+                "dead_weight": self._count(dead, "weight"),
+                "dead_folded": self._count(dead, "folded"),
+                "reactivated": self._drain_events(),
+                "reactivated_total": self.reactivated_total,
+                "lr": self.schedulers[0].get_last_lr()[0],
+                **metrics,
+            }
+            self.logger.log(self.final)
+            self._say_row(self.final, label="end")
+            improved = self._update_best(metrics)
+        if self.saved_step != self.step or verify:
+            self.save(also_best=improved)
         summary = self._summary()
         if self.is_main:
             torch.save(self.backbone.state_dict(), self.out / "backbone.pth.tmp")
@@ -698,48 +726,6 @@ class Trainer:
             dist.destroy_process_group()
             self.owns_process_group = False
 
-    def _end_epoch(self) -> None:
-        """Epoch end: CRAFT reactivation (every epoch end but the last), statistics,
-        verification (every ``val_every_epochs`` and after the last), checkpoints."""
-        if self.cfg.plant_inactive and self.epoch == 0:
-            # demo only: filters die over a long run (weight decay outweighs their gradient);
-            # a few-minute demo simulates that state at the first epoch end
-            self._plant_inactive(self.cfg.plant_inactive)
-        before = self._record_filter_stats("before")
-        last = self.epoch + 1 >= self.cfg.epochs
-        # not after the last epoch: a channel reactivated then would never train, and the
-        # final model (and its verification) would carry untrained rewrites
-        if self.watched and self.cfg.reactivate_every is None and not last:
-            self.optimizer.reactivate()
-        reactivated = self._drain_events()
-        after = self._record_filter_stats("after")
-        every = self.cfg.val_every_epochs
-        metrics = self.evaluate() if last or (every and (self.epoch + 1) % every == 0) else {}
-        entry = {
-            "kind": "epoch",
-            "epoch": self.epoch,
-            "step": self.step,
-            "inactive_filters": self._count(before),
-            "inactive_after": self._count(after),
-            "dead_weight": self._count(before, "weight"),
-            "dead_folded": self._count(before, "folded"),
-            "reactivated": reactivated,
-            "reactivated_total": self.reactivated_total,
-            "lr": self.schedulers[0].get_last_lr()[0],
-            **metrics,
-        }
-        self.logger.log(entry)
-        self.history.append(entry)
-        self.epoch += 1
-        self.batch_in_epoch = 0
-        accuracies = [k for k in metrics if k.endswith("/accuracy")]
-        improved = bool(accuracies) and metrics[accuracies[0]] > self.best.get(accuracies[0], -1.0)
-        for key in accuracies:
-            self.best[key] = max(metrics[key], self.best.get(key, -1.0))
-        # verification runs on rank 0 only, so only rank 0 knows whether this epoch improved:
-        # gather the (collective) state once on every rank, then write last (and best)
-        self.save(also_best=improved)  # the first --val set decides which checkpoint is best
-
     def _summary(self) -> dict[str, Any]:
         return {
             "config": self.cfg.to_dict(),
@@ -751,29 +737,14 @@ class Trainer:
             "dead_now": self.dead_counts(),
             "best": self.best,
             "epochs": self.history,
+            "final": self.final,
+            "skipped_images": {
+                "count": len(self.skipped_images),
+                "files": list(self.skipped_images),
+                "reasons": list(self.skipped_images.values()),
+            },
             "output": str(self.out),
         }
-
-
-def format_summary(summary: dict[str, Any]) -> str:
-    """A readable table of a run's epochs."""
-    accs = sorted({k for e in summary["epochs"] for k in e if k.endswith("/accuracy")})
-    head = f"{'epoch':>5} {'step':>6} {'inactive':>8} {'reactiv.':>8} {'after':>6}"
-    head += "".join(f" {k.split('/')[1][:14]:>14}" for k in accs)
-    lines = [head]
-    for e in summary["epochs"]:
-        row = (
-            f"{e['epoch']:>5} {e['step']:>6} {e['inactive_filters']:>8} "
-            f"{e['reactivated']:>8} {e['inactive_after']:>6}"
-        )
-        row += "".join(f" {e.get(k, float('nan')):>14.4f}" for k in accs)
-        lines.append(row)
-    lines.append(
-        f"steps {summary['steps']}, reactivated filters in total {summary['reactivated_total']}, "
-        f"inactive now {summary['inactive_filters_now']}, best {summary['best']}"
-    )
-    lines.append(f"outputs in {summary['output']}")
-    return "\n".join(lines)
 
 
 def train(cfg: TrainConfig) -> dict[str, Any]:
