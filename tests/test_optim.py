@@ -239,7 +239,7 @@ def test_unread_records_are_bounded(monkeypatch):
     with pytest.warns(UserWarning, match="dropped unread"):
         train(model, opt, 0, 12, kill=True)
     r = opt.reactivator
-    kept = sum(len(p.seq) for p in r._all_pending())
+    kept = sum(len(p.seq) for p in r._events.all_pending())
     assert r.dropped_records > 0 and r.dropped_records + kept == 12
     assert kept <= 4 + 2 + 1  # the bound, plus one stacked chunk and the unstacked records
     events = opt.drain_events()
