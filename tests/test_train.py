@@ -38,6 +38,12 @@ TINY = [
     "2",
     "--plant-inactive",
     "5",
+    # the paper's rule on filters planted dead by weight (the demo's defaults are BN-aware;
+    # test_demo_defaults_find_channels_dead_through_bn covers those)
+    "--plant-through",
+    "weight",
+    "--criterion",
+    "weight",
     "--lr",
     "0.05",
     "--val",
@@ -440,3 +446,18 @@ def test_cli_help_and_bad_data(tmp_path, capsys):
     assert err.value.code == 0 and "CRAFT" in capsys.readouterr().out
     assert train_main(["--data", str(tmp_path / "nope"), "--output", str(tmp_path)]) == 2
     assert "not 'toy', 'synthetic', an image folder" in capsys.readouterr().err
+
+
+def test_demo_defaults_find_channels_dead_through_bn(tmp_path):
+    """The demo's toy defaults plant channels dead through BatchNorm (filters above 1e-3, so
+    the paper's weight rule misses them) and run BN-aware CRAFT, which finds and revives all."""
+    argv = tiny(tmp_path, "--epochs", "2")
+    for flag in ("--plant-through", "--criterion"):  # back to the toy defaults
+        i = argv.index(flag)
+        del argv[i : i + 2]
+    cfg = parse_config(argv)
+    assert (cfg.plant_through, cfg.criterion) == ("bn", "folded")
+    summary = Trainer(cfg).run()
+    first = summary["epochs"][0]
+    assert first["dead_folded"] == 5 and first["dead_weight"] == 0
+    assert first["reactivated"] == 5 and first["inactive_after"] == 0

@@ -33,6 +33,10 @@ TOY_DEFAULTS: dict[str, Any] = {
     "epochs": 4,
     "batch_size": 64,
     "plant_inactive": 12,
+    # the state released models are in (channels dead through BatchNorm, filters above
+    # 1e-3), found and revived by BN-aware CRAFT
+    "plant_through": "bn",
+    "criterion": "folded",
     "output": "craft_runs/demo",
     "log_every": 5,
 }
