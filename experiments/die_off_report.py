@@ -139,6 +139,28 @@ def evaluate_run(path: Path, data: Path, image_size: int) -> dict[str, float]:
     return {"accuracy": float(res["accuracy"]), "tar_at_far_1e-2": float(res["tar_at_far"][0.01])}
 
 
+def _sha1(path: Path) -> str:
+    import hashlib
+
+    return hashlib.sha1(path.read_bytes()).hexdigest()
+
+
+def write_runs(out: Path, runs: dict[str, list[dict[str, Any]]]) -> Path:
+    """``runs.json``: every run's numbers and its die-off curves (steps, dead by the folded
+    and the weight criterion), so the results outlive the (uncommitted) run directories."""
+    record = {}
+    for arm, rs in runs.items():
+        for r in sorted(rs, key=lambda r: r["seed"]):
+            steps, folded = _dead_curve(Path(r["path"]), "folded")
+            _, weight = _dead_curve(Path(r["path"]), "weight")
+            entry = {k: v for k, v in r.items() if k != "path"}
+            entry["curve"] = {"step": steps, "dead_folded": folded, "dead_weight": weight}
+            record[f"{arm}_s{r['seed']}"] = {"arm": arm, **entry}
+    path = out / "runs.json"
+    path.write_text(json.dumps(record) + "\n")
+    return path
+
+
 def _patterns(path: Path) -> int:
     from craft_ext.analysis import filter_patterns
 
@@ -379,13 +401,15 @@ def report(out: Path, args: argparse.Namespace) -> dict[str, Any]:
             if not path.name[len(arm) + 2 :].isdigit():
                 continue  # e.g. craft_s* must not match craft_folded_s*
             run = load_run(path)
-            if path.name not in cache:
+            digest = _sha1(path / "backbone.pth")  # a rerun of the same name is evaluated again
+            if cache.get(path.name, {}).get("backbone_sha1") != digest:
                 cache[path.name] = {
                     **evaluate_run(path, args.data, args.image_size),
                     "patterns": _patterns(path),
+                    "backbone_sha1": digest,
                 }
                 cache_path.write_text(json.dumps(cache, indent=1) + "\n")
-            run.update(cache[path.name])
+            run.update({k: v for k, v in cache[path.name].items() if k != "backbone_sha1"})
             runs.setdefault(arm, []).append(run)
             config = json.loads((path / "summary.json").read_text())["config"]
     if not runs:
@@ -410,6 +434,7 @@ def report(out: Path, args: argparse.Namespace) -> dict[str, Any]:
         "arms": arms,
     }
     (out / "summary.json").write_text(json.dumps(summary, indent=1) + "\n")
+    write_runs(out, runs)
     (out / "table.md").write_text(table(arms, filters))
     plot_die_off(out, runs, filters)
     plot_trajectories(out, runs)
