@@ -30,8 +30,7 @@ device and copied to the host only when :attr:`Reactivator.events` is read.
 
 from __future__ import annotations
 
-import warnings
-from collections.abc import Iterable, Mapping
+from collections.abc import Iterable
 from typing import Any
 
 import torch
@@ -39,6 +38,7 @@ from torch import Tensor, nn
 
 from . import _events
 from ._events import EventLogs, ReactivationEvent
+from ._reactivator_state import ReactivatorState
 from .channel import Channel, channels_of, check_criterion, watched_channels
 from .ops import (
     _FLOAT_DTYPES,
@@ -54,9 +54,6 @@ from .ops import (
 )
 
 __all__ = ["ReactivationEvent", "Reactivator"]
-
-_STATE_KEY = "craft_reactivator"
-_FORMAT_VERSION = 1
 
 
 def _check_interval(interval: object) -> int | None:
@@ -119,7 +116,7 @@ def _nccl() -> bool:
     return torch.distributed.get_backend() == "nccl"
 
 
-class Reactivator:
+class Reactivator(ReactivatorState):
     """Reactivates inactive filters of watched weights, alone or hooked to an optimizer.
 
     Args:
@@ -466,82 +463,6 @@ class Reactivator:
     def total_reactivated(self) -> int:
         """Filters reactivated so far, over all watched weights (reads the device counters)."""
         return sum(int(t) for t in self._total)
-
-    # -- state ------------------------------------------------------------------------------
-
-    def state_dict(self) -> dict[str, Any]:
-        """Everything needed to resume bit-identically: masks, generators, counters, events.
-
-        Tensors stay on their devices (clones), generator states are CPU byte tensors.
-        """
-        return {
-            "version": _FORMAT_VERSION,
-            "names": list(self.names),
-            "method": self.method,
-            "threshold": self.threshold,
-            "criterion": self.criterion,
-            "steps": self.steps,
-            "calls": self.calls,
-            "used": [u.clone() for u in self._used],
-            "total": [t.clone() for t in self._total],
-            "generators": {dev: g.get_state() for dev, g in self._generators.items()},
-            **self._events.state(),
-        }
-
-    def load_state_dict(self, state: Mapping[str, Any]) -> None:
-        """Restore :meth:`state_dict` output (masks are copied into the existing tensors)."""
-        if not isinstance(state, Mapping) or state.get("version") != _FORMAT_VERSION:
-            raise ValueError("state is not a Reactivator state_dict (missing or unknown version)")
-        used, total = list(state["used"]), list(state["total"])
-        if len(used) != len(self.weights) or len(total) != len(self.weights):
-            raise ValueError(
-                f"state holds {len(used)} watched weights, this Reactivator watches "
-                f"{len(self.weights)}"
-            )
-        for i, (u, w) in enumerate(zip(used, self.weights, strict=True)):
-            if tuple(u.shape) != (w.shape[0],):
-                raise ValueError(
-                    f"state: used mask {i} has shape {tuple(u.shape)}, weight {self.names[i]!r} "
-                    f"has {w.shape[0]} filters"
-                )
-        gens = dict(state["generators"])
-        if [d.split(":")[0] for d in gens] != [d.split(":")[0] for d in self._generators]:
-            raise ValueError(
-                f"state has generators for devices {list(gens)}, expected "
-                f"{list(self._generators)} (device indices may differ)"
-            )
-        for i, w in enumerate(self.weights):
-            self._used[i].copy_(used[i].to(w.device, torch.bool))
-            self._total[i].copy_(total[i].to(w.device, torch.int64))
-        # matched by position: a checkpoint of cuda:0 resumes on cuda:1 (another DDP rank)
-        for g, saved in zip(self._generators.values(), gens.values(), strict=True):
-            g.set_state(saved.cpu())
-        self.steps = int(state["steps"])
-        self.calls = int(state["calls"])
-        self._events.load_state(state)
-
-    def _optimizer_state_dict(
-        self, optimizer: torch.optim.Optimizer, state_dict: dict[str, Any]
-    ) -> dict[str, Any]:
-        state_dict[_STATE_KEY] = self.state_dict()
-        return state_dict
-
-    def _optimizer_load_pre(
-        self, optimizer: torch.optim.Optimizer, state_dict: dict[str, Any]
-    ) -> dict[str, Any]:
-        self._loaded = state_dict.pop(_STATE_KEY, None)
-        if self._loaded is None and self.weights:
-            warnings.warn(
-                "optimizer state_dict has no 'craft_reactivator' entry; the reactivation state "
-                "(donor masks, generator, counters) is left as it is",
-                stacklevel=3,
-            )
-        return state_dict
-
-    def _optimizer_load_post(self, optimizer: torch.optim.Optimizer) -> None:
-        loaded, self._loaded = self._loaded, None
-        if loaded is not None:
-            self.load_state_dict(loaded)
 
 
 def reactivate_and_reset(
