@@ -26,6 +26,7 @@ from __future__ import annotations
 
 from ._extension import extension_error, extension_loaded
 from .channel import CRITERIA, Channel, channel_of, channels_of
+from .counter_rng import CounterGenerator
 from .ops import (
     BACKENDS,
     METHODS,
@@ -64,6 +65,7 @@ __all__ = [
     "CRITERIA",
     "METHODS",
     "Channel",
+    "CounterGenerator",
     "FeatureMapStats",
     "FilterStats",
     "ReactivatingSGD",

@@ -18,6 +18,7 @@ if TYPE_CHECKING:
     from torch import Tensor
 
     from ._events import EventLogs
+    from .counter_rng import CounterGenerator
 
 _STATE_KEY = "craft_reactivator"
 _FORMAT_VERSION = 1
@@ -31,12 +32,13 @@ class ReactivatorState:
     method: str
     threshold: float
     criterion: str
+    rng: str
     steps: int
     calls: int
     weights: list[Tensor]
     _used: list[Tensor]
     _total: list[Tensor]
-    _generators: dict[str, torch.Generator]
+    _generators: dict[str, torch.Generator | CounterGenerator]
     _events: EventLogs
     _loaded: dict[str, Any] | None
 
@@ -51,6 +53,7 @@ class ReactivatorState:
             "method": self.method,
             "threshold": self.threshold,
             "criterion": self.criterion,
+            "rng": self.rng,
             "steps": self.steps,
             "calls": self.calls,
             "used": [u.clone() for u in self._used],
@@ -75,6 +78,11 @@ class ReactivatorState:
                     f"state: used mask {i} has shape {tuple(u.shape)}, weight {self.names[i]!r} "
                     f"has {w.shape[0]} filters"
                 )
+        if state.get("rng", "torch") != self.rng:
+            raise ValueError(
+                f"state was saved with rng={state.get('rng', 'torch')!r}, this Reactivator has "
+                f"rng={self.rng!r}"
+            )
         gens = dict(state["generators"])
         if [d.split(":")[0] for d in gens] != [d.split(":")[0] for d in self._generators]:
             raise ValueError(

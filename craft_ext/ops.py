@@ -38,6 +38,7 @@ from torch import Tensor, nn
 
 from . import reference
 from ._extension import KERNELS, TRITON_ERROR, extension_loaded, has_kernel
+from .counter_rng import CounterGenerator
 
 __all__ = [
     "BACKENDS",
@@ -243,8 +244,16 @@ def _check_total(total: object, weight: Tensor) -> None:
 def _check_generator(generator: object, device: torch.device) -> None:
     if generator is None:
         return
-    if not isinstance(generator, torch.Generator):
-        raise TypeError(f"generator must be a torch.Generator or None, got {type(generator)}")
+    if not isinstance(generator, (torch.Generator, CounterGenerator)):
+        raise TypeError(
+            "generator must be a torch.Generator, a craft_ext.CounterGenerator or None, "
+            f"got {type(generator)}"
+        )
+    if isinstance(generator, CounterGenerator) and generator.state.device != device:
+        raise ValueError(
+            f"generator: a CounterGenerator on {generator.state.device} cannot draw for a "
+            f"weight on {device} (its state must be on the weight's device)"
+        )
     if generator.device.type != device.type:
         raise ValueError(
             f"generator must be on the weight's device type ({device.type}), "
@@ -347,7 +356,7 @@ def reactivate_(
     method: str = "craft",
     threshold: float = 1e-3,
     used: Tensor | None = None,
-    generator: torch.Generator | None = None,
+    generator: torch.Generator | CounterGenerator | None = None,
     criterion: str = "weight",
     bn: nn.Module | None = None,
     prelu: nn.Module | Tensor | None = None,
@@ -390,7 +399,9 @@ def reactivate_(
         used: bool [N] on ``weight``'s device: donors spent so far, updated in place
             (``craft`` only). None: a fresh all-False mask for this call.
         generator: torch.Generator on ``weight``'s device type for the random order, donor
-            draws and noise; None uses that device's default generator.
+            draws and noise; None uses that device's default generator. A
+            :class:`craft_ext.CounterGenerator` (state on the device) keeps the call traceable
+            by ``torch.compile`` and capturable without registering a generator.
         criterion: ``"weight"`` (the paper's) or ``"folded"`` (needs ``bn``).
         bn: the BatchNorm after the layer (N channels, affine, running statistics, trainable).
         prelu: the per-channel PReLU after the BatchNorm (``nn.PReLU(N)`` or its [N] slopes).
@@ -482,7 +493,8 @@ def _reactivate_and_reset_checked(
     (``craft_ext::reactivate_and_reset_``, same draws, same results):
     :meth:`craft_ext.Reactivator.reactivate`."""
     name = _resolve_fast(weight.device, "reactivate_", backend)
-    if name == "cpp" and _fused_cpu():
+    # the fused C++ op draws from a torch.Generator; a CounterGenerator draws in Python
+    if not isinstance(generator, CounterGenerator) and name == "cpp" and _fused_cpu():
         op = torch.ops.craft_ext.reactivate_and_reset_.default
         # eager calls skip OpOverload.__call__'s Python frame (a few us per step when cold);
         # Dynamo traces the OpOverload itself
@@ -537,7 +549,7 @@ def _reactivate_and_record_checked(
     construction)."""
     name = _resolve_fast(weight.device, "reactivate_", backend)
     args = (weight, used, total, state, reactivated_log, donor_log, slot, generator, threshold)
-    if name == "cpp" and _fused_cpu():
+    if not isinstance(generator, CounterGenerator) and name == "cpp" and _fused_cpu():
         op = torch.ops.craft_ext.reactivate_and_reset_.record
         # checked in C++
         (op if torch.compiler.is_compiling() else op._op)(*args, method, *channel_args)

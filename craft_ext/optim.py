@@ -40,6 +40,7 @@ class ReactivatingSGD(torch.optim.SGD):
             of the whole channel (see :class:`craft_ext.Reactivator`).
         interval: reactivate after every ``interval`` steps; None: only on :meth:`reactivate`.
         seed: reactivation generator seed (None: shared across DDP ranks, see Reactivator).
+        rng: ``"torch"`` or ``"counter"`` (traceable by ``torch.compile``; see Reactivator).
 
     ``state_dict()`` / ``load_state_dict()`` also carry the donor ``used`` masks, generator
     states, step counters and pending events, so a resumed run is bit-identical. A step never
@@ -69,6 +70,7 @@ class ReactivatingSGD(torch.optim.SGD):
         prelu: torch.nn.Module | Tensor | None = None,
         interval: int | None = None,
         seed: int | None = None,
+        rng: str = "torch",
     ) -> None:
         super().__init__(
             params,
@@ -90,6 +92,7 @@ class ReactivatingSGD(torch.optim.SGD):
             bn=bn,
             prelu=prelu,
             seed=seed,
+            rng=rng,
         ).attach(self, interval=interval)
 
     def reactivate(self) -> list[Reactivation]:

@@ -40,6 +40,7 @@ from . import _events
 from ._events import EventLogs, ReactivationEvent
 from ._reactivator_state import ReactivatorState
 from .channel import Channel, channels_of, check_criterion, watched_channels
+from .counter_rng import CounterGenerator
 from .ops import (
     _FLOAT_DTYPES,
     Reactivation,
@@ -137,10 +138,15 @@ class Reactivator(ReactivatorState):
             channel is then reactivated (BN entries rewritten, see
             :data:`craft_ext.reference.CHANNEL_RULES`), their optimizer-state rows reset too.
             For models, :meth:`from_model` finds them.
-        seed: seed of the reactivation generator (one ``torch.Generator`` per device of the
-            watched weights). None: a seed derived from ``torch.initial_seed()``, broadcast from
-            rank 0 when ``torch.distributed`` is initialised, so that every DDP rank (holding
-            identical weights) makes identical reactivations.
+        seed: seed of the reactivation generator (one per device of the watched weights).
+            None: a seed derived from ``torch.initial_seed()``, broadcast from rank 0 when
+            ``torch.distributed`` is initialised, so that every DDP rank (holding identical
+            weights) makes identical reactivations.
+        rng: ``"torch"`` (default): a ``torch.Generator`` per device (on CPU the step hook is
+            one fused C++ call); ``"counter"``: a :class:`craft_ext.CounterGenerator` per device
+            (state on the device), so that the hook traces into a ``torch.compile`` graph
+            without a break and CUDA graphs capture it without registering generators; the
+            reactivations are then a composition of tensor ops (slower eager, same rules).
 
     Use :meth:`attach` to run on an optimizer (``interval=N``: after every N steps; the state
     rows of reactivated filters are reset, see the module docs), :meth:`reactivate` to run now
@@ -158,7 +164,11 @@ class Reactivator(ReactivatorState):
         bn: nn.Module | None = None,
         prelu: nn.Module | Tensor | None = None,
         seed: int | None = None,
+        rng: str = "torch",
     ) -> None:
+        if rng not in ("torch", "counter"):
+            raise ValueError(f"rng must be 'torch' or 'counter', got {rng!r}")
+        self.rng = rng
         self.method = _check_method(method)
         self.threshold = _check_threshold(threshold)
         self.criterion = check_criterion(criterion)
@@ -187,8 +197,11 @@ class Reactivator(ReactivatorState):
         if seed is None and devices:
             seed = _shared_default_seed()
         self.seed = seed
-        self._generators: dict[str, torch.Generator] = {}
+        self._generators: dict[str, torch.Generator | CounterGenerator] = {}
         for dev in devices:
+            if rng == "counter":
+                self._generators[dev] = CounterGenerator(int(seed), dev)  # type: ignore[arg-type]
+                continue
             gen = torch.Generator(device=torch.device(dev))
             gen.manual_seed(int(seed))  # type: ignore[arg-type]
             self._generators[dev] = gen
@@ -320,7 +333,7 @@ class Reactivator(ReactivatorState):
         # Python frame here costs about a us per step). The weights were validated at
         # construction, so this goes straight to the backend (the kernels check that used /
         # total / the logs still match a weight that may have been moved since).
-        fast = _cpu_record_op()
+        fast = _cpu_record_op() if self.rng == "torch" else None  # the C++ op draws itself
         events = self._events
         state = self.optimizer.state if self.optimizer is not None else {}
         grad = torch.is_grad_enabled()
@@ -418,7 +431,7 @@ class Reactivator(ReactivatorState):
         return weight.is_cuda and torch.cuda.is_current_stream_capturing()
 
     @property
-    def generators(self) -> list[torch.Generator]:
+    def generators(self) -> list[torch.Generator | CounterGenerator]:
         """The reactivation generators, one per device of the watched weights."""
         return list(self._generators.values())
 
@@ -431,8 +444,8 @@ class Reactivator(ReactivatorState):
         reactivates) or ``interval=None`` can be captured: the interval is counted on the host,
         so a captured step with ``interval > 1`` raises at capture time.
         """
-        for gen in self._generators.values():
-            if gen.device.type == "cuda":
+        for gen in self._generators.values():  # a CounterGenerator needs no registration
+            if isinstance(gen, torch.Generator) and gen.device.type == "cuda":
                 graph.register_generator_state(gen)
 
     # -- events -----------------------------------------------------------------------------

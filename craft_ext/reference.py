@@ -17,6 +17,8 @@ from collections.abc import Callable
 import torch
 from torch import Tensor
 
+from .counter_rng import CounterGenerator
+
 __all__ = [
     "CHANNEL_RULES",
     "filter_stats",
@@ -301,7 +303,8 @@ def reactivate_(
         donor = torch.where(reactivated, source, -1)
         assert noise is not None
         z = _rows(noise).to(torch.float32)
-        new = (mean[source] + std[source] * z).to(weight.dtype)
+        src = source.view(1)  # a [1] index (a 0-d one would be read to the host when traced)
+        new = (mean[src] + std[src] * z).to(weight.dtype)
     elif method == "random":
         reactivated = inactive
         donor = torch.full((n,), -1, dtype=torch.int64, device=weight.device)
@@ -319,14 +322,19 @@ def reactivate_(
 
 
 def reactivation_inputs(
-    weight: Tensor, generator: torch.Generator | None, method: str
+    weight: Tensor, generator: torch.Generator | CounterGenerator | None, method: str
 ) -> tuple[Tensor, Tensor, Tensor | None]:
     """The random inputs of :func:`reactivate_` drawn from ``generator``, in this order:
     ``order_key = rand(N)``, ``fallback_u = rand(N)`` and, unless ``method == "craft"``,
     ``noise = randn(weight.shape)``; all float32 on ``weight``'s device. Every caller (the
     Python API, :func:`reactivate_and_reset_` and its C++ kernel) draws exactly these, so a
-    generator is consumed the same way whichever path runs."""
+    generator is consumed the same way whichever path runs. A
+    :class:`craft_ext.counter_rng.CounterGenerator` draws the same three with its own
+    (traceable) ``rand`` / ``randn``."""
     n, device = weight.shape[0], weight.device
+    if isinstance(generator, CounterGenerator):  # traceable: same order of draws
+        order_key, fallback_u = generator.rand(n), generator.rand(n)
+        return order_key, fallback_u, generator.randn(weight.shape) if method != "craft" else None
     order_key = torch.rand(n, generator=generator, device=device, dtype=torch.float32)
     fallback_u = torch.rand(n, generator=generator, device=device, dtype=torch.float32)
     noise = None
