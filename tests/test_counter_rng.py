@@ -189,3 +189,50 @@ def test_state_of_another_rng_is_refused():
     _, opt_c = _model_and_opt("counter")
     with pytest.raises(ValueError, match="rng='torch'"):
         opt_c.reactivator.load_state_dict(opt_t.reactivator.state_dict())
+
+
+@pytest.mark.cuda
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
+def test_cuda_counter_rng_no_sync_and_capture_without_registration():
+    """On a GPU: a step with rng="counter" never syncs and is captured in a CUDA graph with no
+    generator registered; each replay draws new numbers (the offset advances on the device)."""
+    model, opt = _model_and_opt("counter", "scaled_gaussian")
+    model.cuda()
+    opt = craft_ext.ReactivatingSGD(
+        model.parameters(),
+        lr=0.1,
+        momentum=0.9,
+        reactivate=craft_ext.channels_of(model, "0"),
+        criterion="folded",
+        method="scaled_gaussian",
+        interval=1,
+        seed=3,
+        rng="counter",
+    )
+    x = torch.randn(4, 3, 8, 8, device="cuda")
+    for _ in range(3):  # warm up (momentum buffers)
+        opt.zero_grad(set_to_none=False)
+        model(x).square().mean().backward()
+        opt.step()
+    torch.cuda.synchronize()
+    torch.cuda.set_sync_debug_mode("error")
+    try:
+        opt.step()
+    finally:
+        torch.cuda.set_sync_debug_mode(0)
+    graph = torch.cuda.CUDAGraph()
+    with torch.cuda.graph(graph):
+        opt.zero_grad(set_to_none=False)
+        model(x).square().mean().backward()
+        opt.step()
+    gen = opt.reactivator.generators[0]
+    with torch.no_grad():
+        model[0].weight[[1, 2]] = 0
+    graph.replay()
+    offset = int(gen.state[1])
+    with torch.no_grad():
+        model[0].weight[[1, 2]] = 0
+    graph.replay()
+    torch.cuda.synchronize()
+    assert int(gen.state[1]) > offset  # replays advance the stream on the device
+    assert float(model[0].weight[[1, 2]].abs().amax()) > 1e-3
