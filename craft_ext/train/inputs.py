@@ -7,6 +7,8 @@
 * :class:`SkipReporting`: an image-folder set whose items carry the unreadable files passed
   over to reach them (``--on-error skip``), so the trainer can count skips made in DataLoader
   worker processes.
+* :class:`InputFeed`: a mixin of :class:`craft_ext.train.Trainer`, the DataLoader of the rest
+  of the current epoch and the images a step takes from it (flips, scaling, layout).
 """
 
 from __future__ import annotations
@@ -18,14 +20,16 @@ from typing import Any
 
 import torch
 from torch import Tensor
-from torch.utils.data import Dataset, Sampler
+from torch.utils.data import DataLoader, Dataset, Sampler
 
 from craft_ext.data.image import ImageDecodeError
 from craft_ext.train.config import TrainConfig, default_val
+from craft_ext.train.errors import ignore_sigint
 from craft_ext.train.toy import ToyFaces, toy_pairs
 
 __all__ = [
     "EpochBatches",
+    "InputFeed",
     "SkipReporting",
     "build_train_set",
     "build_val_sets",
@@ -170,3 +174,63 @@ def build_val_sets(cfg: TrainConfig) -> list[Any]:
         except (OSError, ValueError, pickle.UnpicklingError, ImageDecodeError) as exc:
             raise type(exc)(f"--val {exc}") from None  # the same error, said as --val's
     return out
+
+
+class InputFeed:
+    """The micro-batches of a :class:`craft_ext.train.Trainer`'s current epoch, and the
+    images a step takes from them."""
+
+    cfg: Any
+    train_set: Any
+    device: torch.device
+    rank: int
+    world: int
+    epoch: int
+    step: int
+    batch_in_epoch: int
+
+    def _images(self, images: Tensor, micro: int = 0) -> Tensor:
+        g = torch.Generator().manual_seed(
+            self.cfg.seed * 7_000_003 + self.step * self.cfg.grad_accum + micro
+        )
+        flip = torch.rand(images.shape[0], generator=g) < 0.5
+        images = torch.where(flip[:, None, None, None], images.flip(3), images)
+        x = images.to(self.device, non_blocking=True)
+        x = x.float().div_(127.5).sub_(1.0) if x.dtype == torch.uint8 else x.float()
+        size = self.cfg.image_size
+        if x.shape[-2:] != (size, size):  # only a data set not built by build_train_set
+            x = torch.nn.functional.interpolate(
+                x, size=(size, size), mode="bilinear", antialias=True, align_corners=False
+            )
+        if self.cfg.channels_last:
+            x = x.contiguous(memory_format=torch.channels_last)
+        return x
+
+    def _loader(self, skips: bool = False) -> DataLoader:
+        """This epoch's remaining micro-batches ``(images, labels)``; with ``skips``
+        ``(images, labels, skipped)``, ``skipped`` the ``(path, reason)`` of unreadable images
+        passed over (``--on-error skip`` on an image folder)."""
+        dataset: Any = self.train_set
+        if skips and hasattr(dataset, "load_item"):
+            dataset = SkipReporting(dataset)
+        sampler = EpochBatches(
+            len(self.train_set),
+            self.cfg.batch_size,
+            seed=self.cfg.seed,
+            epoch=self.epoch,
+            rank=self.rank,
+            world=self.world,
+            skip=self.batch_in_epoch * self.cfg.grad_accum,
+            accumulate=self.cfg.grad_accum,
+        )
+        return DataLoader(
+            dataset,
+            batch_sampler=sampler,
+            num_workers=self.cfg.workers,
+            collate_fn=collate_with_skips if skips else collate,
+            pin_memory=self.device.type == "cuda",
+            worker_init_fn=ignore_sigint if self.cfg.workers else None,
+            # the loader's own seed source: creating an iterator must not draw from the global
+            # RNG (dropout's), or a run resumed mid-epoch would diverge from an unbroken one
+            generator=torch.Generator().manual_seed(self.cfg.seed * 1_000_003 + self.epoch),
+        )

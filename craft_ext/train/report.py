@@ -10,7 +10,7 @@ from __future__ import annotations
 import math
 from typing import Any
 
-__all__ = ["EpochTable", "format_summary", "plural"]
+__all__ = ["EpochTable", "Printing", "format_summary", "plural"]
 
 
 def plural(n: int, word: str) -> str:
@@ -81,3 +81,39 @@ def format_summary(summary: dict[str, Any], *, table: bool = True) -> str:
         )
     lines.append(f"outputs in {summary['output']}")
     return "\n".join(lines)
+
+
+class Printing:
+    """What a :class:`craft_ext.train.Trainer` prints: lines on rank 0 (above the progress
+    bar), the epoch table's rows, the bar's epoch label."""
+
+    is_main: bool
+    val_sets: list[Any]
+    epoch: int
+    planned_epochs: int
+    _bar: Any
+
+    def say(self, text: str) -> None:
+        """Print a line on rank 0 (above the progress bar while there is one)."""
+        if not self.is_main:
+            return
+        if self._bar is not None:
+            self._bar.write(text)
+        else:
+            print(text, flush=True)
+
+    def _say_row(self, entry: dict[str, Any], label: str | None = None) -> None:
+        table = EpochTable([vs.name for vs in self.val_sets])
+        if not getattr(self, "_table_started", False):
+            self.say(table.header())
+            self._table_started = True
+        self.say(table.row(entry, label))
+
+    def _epoch_label(self) -> str:
+        return f"epoch {min(self.epoch + 1, self.planned_epochs)}/{self.planned_epochs}"
+
+    @staticmethod
+    def _accuracies(metrics: dict[str, float]) -> str:
+        return ", ".join(
+            f"{k.split('/')[1]} {v:.4f}" for k, v in metrics.items() if k.endswith("/accuracy")
+        )

@@ -20,7 +20,6 @@ from __future__ import annotations
 
 import contextlib
 import gc
-import json
 import math
 import os
 import time
@@ -30,32 +29,28 @@ from typing import Any
 import torch
 import torch.distributed as dist
 from torch import Tensor, nn
-from torch.utils.data import DataLoader
 
-import craft_ext
-from craft_ext.channel import channels_of
 from craft_ext.data.image import ImageDecodeError
 from craft_ext.train.config import TrainConfig
+from craft_ext.train.construction import Construction, _poly_lambda, _resolve_device
+from craft_ext.train.epochs import EpochEnds
 from craft_ext.train.errors import (
     RunError,
     StopRequest,
     TrainingDiverged,
     TrainingInterrupted,
     decode_error_text,
-    ignore_sigint,
 )
 from craft_ext.train.filters import FilterWatch
 from craft_ext.train.inputs import (
     EpochBatches,
-    SkipReporting,
+    InputFeed,
     build_train_set,
     build_val_sets,
-    collate,
-    collate_with_skips,
     val_specs,
 )
 from craft_ext.train.logging import RunLogger
-from craft_ext.train.report import EpochTable, format_summary
+from craft_ext.train.report import Printing, format_summary
 from craft_ext.train.resume import load_for_resume
 from craft_ext.train.state import Checkpointing
 
@@ -86,26 +81,7 @@ def decay_budget(
     return total if decoupled else total / (1.0 - momentum)
 
 
-def _poly_lambda(total: int, warmup: int, power: float):
-    def fn(step: int) -> float:
-        if warmup > 0 and step < warmup:
-            return (step + 1) / warmup
-        span = max(1, total - warmup)
-        return max(0.0, 1.0 - (step - warmup) / span) ** power
-
-    return fn
-
-
-def _resolve_device(name: str, local_rank: int) -> torch.device:
-    if name == "auto":
-        return torch.device(f"cuda:{local_rank}" if torch.cuda.is_available() else "cpu")
-    dev = torch.device(name)
-    if dev.type == "cuda" and dev.index is None:
-        dev = torch.device(f"cuda:{local_rank}")
-    return dev
-
-
-class Trainer(Checkpointing, FilterWatch):
+class Trainer(Construction, Checkpointing, FilterWatch, InputFeed, EpochEnds, Printing):
     """One ``craft-train`` run: construct with a :class:`TrainConfig`, then :meth:`run`.
 
     Construction checks everything that can be checked before training (data, verification
@@ -213,174 +189,7 @@ class Trainer(Checkpointing, FilterWatch):
             self.out, enabled=self.is_main, resume_step=self.step if cfg.resume else None
         )
 
-    # -- construction ----------------------------------------------------------------------
-
-    def _build_model(self) -> None:
-        from craft_ext.heads import PartialFC
-        from craft_ext.losses import CombinedMarginLoss
-        from craft_ext.models import get_model
-
-        cfg = self.cfg
-        residual_scale: Any = cfg.residual_scale
-        if residual_scale not in (None, "trainable"):
-            try:
-                residual_scale = float(residual_scale)
-            except ValueError:
-                raise ValueError(
-                    f"--residual-scale must be a number or 'trainable', got {residual_scale!r}"
-                ) from None
-        self.backbone = get_model(
-            cfg.network,
-            width=cfg.width,
-            widths=cfg.widths,
-            num_features=cfg.embedding_size,
-            dropout=cfg.dropout,
-            input_size=cfg.image_size,
-            activation=cfg.activation,
-            residual_scale=residual_scale,
-        ).to(self.device)
-        if cfg.channels_last:
-            self.backbone = self.backbone.to(memory_format=torch.channels_last)
-        self.head = PartialFC(
-            cfg.embedding_size,
-            self.num_classes,
-            sample_rate=cfg.sample_rate,
-            margin_loss=CombinedMarginLoss(cfg.scale, *cfg.margin),
-        ).to(self.device)
-        params = dict(self.backbone.named_parameters())
-        #: the layers whose filters are logged (and watched, unless --reactivation none)
-        self.layers = list(cfg.reactivate_layers) or [self._first_conv_name()]
-        unknown = [n for n in self.layers if n not in params]
-        if unknown:
-            raise ValueError(
-                f"--reactivate-layers: {unknown} are not parameters of {cfg.network}; e.g. "
-                f"{list(params)[:4]}"
-            )
-        #: each layer's channel (its BatchNorm / PReLU, found by craft_ext.channels_of)
-        self.channels = {
-            ch.name: ch for ch in channels_of(self.backbone, self.layers, trainable=False)
-        }
-        self.watched = list(self.layers) if cfg.reactivation != "none" else []
-
-    def _targets(self) -> list[Any]:
-        """What the reactivation watches: ``(name, weight)`` pairs, or with ``--criterion
-        folded`` ``(name, Channel)`` pairs (detected on the BN-folded filter, reactivated as a
-        whole channel)."""
-        if self.cfg.criterion != "folded":
-            params = dict(self.backbone.named_parameters())
-            return [(n, params[n]) for n in self.watched]
-        no_bn = [n for n in self.layers if not self.channels[n].has_bn]
-        if no_bn:
-            raise ValueError(
-                f"--criterion folded: {no_bn} {'is' if len(no_bn) == 1 else 'are'} followed "
-                "by no BatchNorm with running statistics; use --criterion weight"
-            )
-        return [(ch.name, ch) for ch in channels_of(self.backbone, self.watched)]
-
-    def _build_optimizers(self) -> None:
-        """The backbone's optimizer with CRAFT (``self.reactivator``) and the head's."""
-        cfg = self.cfg
-        craft: dict[str, Any] = {
-            "method": cfg.reactivation if cfg.reactivation != "none" else "craft",
-            "criterion": cfg.criterion,
-            "threshold": cfg.threshold,
-            "seed": cfg.seed,
-        }
-        if cfg.optimizer == "adamw":
-            hyper: dict[str, Any] = {
-                "lr": cfg.lr,
-                "betas": (cfg.momentum, 0.999),
-                "weight_decay": cfg.weight_decay,
-            }
-            self.optimizer: torch.optim.Optimizer = torch.optim.AdamW(
-                self.backbone.parameters(), **hyper
-            )
-            self.reactivator = craft_ext.Reactivator(self._targets(), **craft).attach(
-                self.optimizer, interval=cfg.reactivate_every
-            )
-            self.head_optimizer: torch.optim.Optimizer = torch.optim.AdamW(
-                self.head.parameters(), **hyper
-            )
-            return
-        hyper = {"lr": cfg.lr, "momentum": cfg.momentum, "weight_decay": cfg.weight_decay}
-        sgd = craft_ext.ReactivatingSGD(
-            self.backbone.parameters(),
-            reactivate=self._targets(),
-            interval=cfg.reactivate_every,
-            **hyper,
-            **craft,
-        )
-        self.optimizer, self.reactivator = sgd, sgd.reactivator
-        self.head_optimizer = torch.optim.SGD(self.head.parameters(), **hyper)
-
-    # -- printing ----------------------------------------------------------------------------
-
-    def say(self, text: str) -> None:
-        """Print a line on rank 0 (above the progress bar while there is one)."""
-        if not self.is_main:
-            return
-        if self._bar is not None:
-            self._bar.write(text)
-        else:
-            print(text, flush=True)
-
-    def _say_row(self, entry: dict[str, Any], label: str | None = None) -> None:
-        table = EpochTable([vs.name for vs in self.val_sets])
-        if not getattr(self, "_table_started", False):
-            self.say(table.header())
-            self._table_started = True
-        self.say(table.row(entry, label))
-
-    def _epoch_label(self) -> str:
-        return f"epoch {min(self.epoch + 1, self.planned_epochs)}/{self.planned_epochs}"
-
     # -- a step ------------------------------------------------------------------------------
-
-    def _images(self, images: Tensor, micro: int = 0) -> Tensor:
-        g = torch.Generator().manual_seed(
-            self.cfg.seed * 7_000_003 + self.step * self.cfg.grad_accum + micro
-        )
-        flip = torch.rand(images.shape[0], generator=g) < 0.5
-        images = torch.where(flip[:, None, None, None], images.flip(3), images)
-        x = images.to(self.device, non_blocking=True)
-        x = x.float().div_(127.5).sub_(1.0) if x.dtype == torch.uint8 else x.float()
-        size = self.cfg.image_size
-        if x.shape[-2:] != (size, size):  # only a data set not built by build_train_set
-            x = torch.nn.functional.interpolate(
-                x, size=(size, size), mode="bilinear", antialias=True, align_corners=False
-            )
-        if self.cfg.channels_last:
-            x = x.contiguous(memory_format=torch.channels_last)
-        return x
-
-    def _loader(self, skips: bool = False) -> DataLoader:
-        """This epoch's remaining micro-batches ``(images, labels)``; with ``skips``
-        ``(images, labels, skipped)``, ``skipped`` the ``(path, reason)`` of unreadable images
-        passed over (``--on-error skip`` on an image folder)."""
-        dataset: Any = self.train_set
-        if skips and hasattr(dataset, "load_item"):
-            dataset = SkipReporting(dataset)
-        sampler = EpochBatches(
-            len(self.train_set),
-            self.cfg.batch_size,
-            seed=self.cfg.seed,
-            epoch=self.epoch,
-            rank=self.rank,
-            world=self.world,
-            skip=self.batch_in_epoch * self.cfg.grad_accum,
-            accumulate=self.cfg.grad_accum,
-        )
-        return DataLoader(
-            dataset,
-            batch_sampler=sampler,
-            num_workers=self.cfg.workers,
-            collate_fn=collate_with_skips if skips else collate,
-            pin_memory=self.device.type == "cuda",
-            worker_init_fn=ignore_sigint if self.cfg.workers else None,
-            # the loader's own seed source: creating an iterator must not draw from the global
-            # RNG (dropout's), or a run resumed mid-epoch would diverge from an unbroken one
-            generator=torch.Generator().manual_seed(self.cfg.seed * 1_000_003 + self.epoch),
-        )
 
     def train_step(self, images: Tensor, labels: Tensor) -> Tensor:
         """One optimizer step on one batch; returns the loss (on device, not read back)."""
@@ -422,38 +231,6 @@ class Trainer(Checkpointing, FilterWatch):
             s.step()
         self.step += 1
         return total if k == 1 else total / k
-
-    # -- evaluation ------------------------------------------------------------------------
-
-    def evaluate(self) -> dict[str, float]:
-        """Verification accuracy on every ``--val`` set (rank 0; others return {})."""
-        if not self.is_main or not self.val_sets:
-            return {}
-        from craft_ext.eval import evaluate
-
-        out = {}
-        for vs in self.val_sets:
-            res = evaluate(
-                self.backbone,
-                vs,
-                batch_size=max(32, self.cfg.batch_size),
-                device=self.device,
-                flip=True,
-                progress=False,
-            )
-            out[f"val/{vs.name}/accuracy"] = float(res["accuracy"])
-            out[f"val/{vs.name}/accuracy_std"] = float(res["std"])
-        self.backbone.train()
-        return out
-
-    def _update_best(self, metrics: dict[str, float]) -> bool:
-        """Record ``metrics`` in :attr:`best`; whether the first set's accuracy improved
-        (it decides checkpoint_best.pt)."""
-        accuracies = [k for k in metrics if k.endswith("/accuracy")]
-        improved = bool(accuracies) and metrics[accuracies[0]] > self.best.get(accuracies[0], -1.0)
-        for key in accuracies:
-            self.best[key] = max(metrics[key], self.best.get(key, -1.0))
-        return improved
 
     # -- the loop ----------------------------------------------------------------------------
 
@@ -605,109 +382,6 @@ class Trainer(Checkpointing, FilterWatch):
         if cfg.save_every and self.step % cfg.save_every == 0:
             self.save()
 
-    @staticmethod
-    def _accuracies(metrics: dict[str, float]) -> str:
-        return ", ".join(
-            f"{k.split('/')[1]} {v:.4f}" for k, v in metrics.items() if k.endswith("/accuracy")
-        )
-
-    def _epoch_mean_loss(self) -> float | None:
-        """The mean loss of the epoch's steps (None when it had none here); checked finite,
-        then the sums restart."""
-        total, count = self._epoch_loss
-        self._epoch_loss = [torch.zeros((), device=self.device), 0]
-        if not count:
-            return None
-        value = float(total / count)
-        self._check_finite(value)
-        return value
-
-    def _end_epoch(self) -> None:
-        """Epoch end: CRAFT reactivation (every epoch end but the last), statistics,
-        verification (every ``val_every_epochs`` and after the last), a table row,
-        checkpoints."""
-        if self.cfg.plant_inactive and self.epoch == 0:
-            # demo only: filters die over a long run (weight decay outweighs their gradient);
-            # a few-minute demo simulates that state at the first epoch end
-            self._plant_inactive(self.cfg.plant_inactive)
-        before = self._record_filter_stats("before")
-        last = self.epoch + 1 >= self.cfg.epochs or self.step >= self.total_steps
-        # not after the last epoch: a channel reactivated then would never train, and the
-        # final model (and its verification) would carry untrained rewrites
-        if self.watched and self.cfg.reactivate_every is None and not last:
-            self.reactivator.reactivate()
-        reactivated = self._drain_events()
-        after = self._record_filter_stats("after")
-        every = self.cfg.val_every_epochs
-        verify = bool(self.val_specs) and (last or bool(every and (self.epoch + 1) % every == 0))
-        metrics = self.evaluate() if verify else {}
-        if verify:
-            self.last_val_step = self.step
-        loss = self._epoch_mean_loss()
-        entry = {
-            "kind": "epoch",
-            "epoch": self.epoch,
-            "step": self.step,
-            "loss": loss,
-            "inactive_filters": self._count(before),
-            "inactive_after": self._count(after),
-            "dead_weight": self._count(before, "weight"),
-            "dead_folded": self._count(before, "folded"),
-            "reactivated": reactivated,
-            "reactivated_total": self.reactivated_total,
-            "lr": self.schedulers[0].get_last_lr()[0],
-            **metrics,
-        }
-        self.logger.log(entry)
-        self.history.append(entry)
-        self._say_row(entry)
-        self.epoch += 1
-        self.batch_in_epoch = 0
-        improved = self._update_best(metrics)
-        # verification runs on rank 0 only, so only rank 0 knows whether this epoch improved:
-        # gather the (collective) state once on every rank, then write last (and best)
-        self.save(also_best=improved)  # the first --val set decides which checkpoint is best
-
-    def _finish(self) -> dict[str, Any]:
-        """End of the run: verify it where no epoch end just did (a run stopped by
-        ``--max-steps`` inside an epoch), save, write backbone.pth and summary.json."""
-        if self._window[1]:
-            self._check_finite(float(self._window[0] / self._window[1]))
-        improved = False
-        verify = bool(self.val_specs) and self.last_val_step != self.step  # same on all ranks
-        if verify:
-            step, metrics = self._step_metrics
-            if step != self.step:
-                metrics = self.evaluate()
-            self.last_val_step = self.step
-            dead = self.dead_counts()
-            loss = self._epoch_mean_loss()
-            self.final = {
-                "kind": "final",
-                "epoch": self.epoch,
-                "step": self.step,
-                "loss": loss,
-                "inactive_filters": self._count(dead),
-                "dead_weight": self._count(dead, "weight"),
-                "dead_folded": self._count(dead, "folded"),
-                "reactivated": self._drain_events(),
-                "reactivated_total": self.reactivated_total,
-                "lr": self.schedulers[0].get_last_lr()[0],
-                **metrics,
-            }
-            self.logger.log(self.final)
-            self._say_row(self.final, label="end")
-            improved = self._update_best(metrics)
-        if self.saved_step != self.step or verify:
-            self.save(also_best=improved)
-        summary = self._summary()
-        if self.is_main:
-            torch.save(self.backbone.state_dict(), self.out / "backbone.pth.tmp")
-            os.replace(self.out / "backbone.pth.tmp", self.out / "backbone.pth")
-            (self.out / "summary.json").write_text(json.dumps(summary, indent=2) + "\n")
-        self.logger.close()
-        return summary
-
     def close(self) -> None:
         """Release the DistributedDataParallel wrapper, then end the process group if this
         Trainer started it. Call once done (``craft-train`` does).
@@ -725,26 +399,6 @@ class Trainer(Checkpointing, FilterWatch):
         if self.owns_process_group and dist.is_initialized():
             dist.destroy_process_group()
             self.owns_process_group = False
-
-    def _summary(self) -> dict[str, Any]:
-        return {
-            "config": self.cfg.to_dict(),
-            "steps": self.step,
-            "epochs_completed": self.epoch,
-            "reactivated_total": self.reactivated_total,
-            "decay_budget": self.decay_budget,
-            "inactive_filters_now": self.inactive_counts(),
-            "dead_now": self.dead_counts(),
-            "best": self.best,
-            "epochs": self.history,
-            "final": self.final,
-            "skipped_images": {
-                "count": len(self.skipped_images),
-                "files": list(self.skipped_images),
-                "reasons": list(self.skipped_images.values()),
-            },
-            "output": str(self.out),
-        }
 
 
 def train(cfg: TrainConfig) -> dict[str, Any]:
