@@ -91,11 +91,11 @@ def test_reactivate_with_a_counter_generator_matches_the_reference(method):
         assert torch.equal(out.donor, ref.donor) and torch.equal(out.reactivated, ref.reactivated)
 
 
-def _model_and_opt(rng: str, method: str = "scaled_gaussian"):
+def _model_and_opt(rng: str, method: str = "scaled_gaussian", device: str = "cpu"):
     torch.manual_seed(0)
     model = torch.nn.Sequential(
         torch.nn.Conv2d(3, 16, 3), torch.nn.BatchNorm2d(16), torch.nn.PReLU(16)
-    )
+    ).to(device)
     opt = craft_ext.ReactivatingSGD(
         model.parameters(),
         lr=0.1,
@@ -107,7 +107,7 @@ def _model_and_opt(rng: str, method: str = "scaled_gaussian"):
         seed=3,
         rng=rng,
     )
-    model(torch.randn(4, 3, 8, 8)).square().mean().backward()
+    model(torch.randn(4, 3, 8, 8, device=device)).square().mean().backward()
     opt.step()
     with torch.no_grad():
         model[0].weight[:3] = 0
@@ -196,19 +196,7 @@ def test_state_of_another_rng_is_refused():
 def test_cuda_counter_rng_no_sync_and_capture_without_registration():
     """On a GPU: a step with rng="counter" never syncs and is captured in a CUDA graph with no
     generator registered; each replay draws new numbers (the offset advances on the device)."""
-    model, opt = _model_and_opt("counter", "scaled_gaussian")
-    model.cuda()
-    opt = craft_ext.ReactivatingSGD(
-        model.parameters(),
-        lr=0.1,
-        momentum=0.9,
-        reactivate=craft_ext.channels_of(model, "0"),
-        criterion="folded",
-        method="scaled_gaussian",
-        interval=1,
-        seed=3,
-        rng="counter",
-    )
+    model, opt = _model_and_opt("counter", "scaled_gaussian", device="cuda")
     x = torch.randn(4, 3, 8, 8, device="cuda")
     for _ in range(3):  # warm up (momentum buffers)
         opt.zero_grad(set_to_none=False)
